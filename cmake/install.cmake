@@ -1,0 +1,28 @@
+# Installation: shared and static libraries, the header, the tool (see
+# tools/), a CMake package (find_package(commvq) -> commvq::commvq and
+# commvq::commvq_static) and a pkg-config file.
+include(CMakePackageConfigHelpers)
+
+install(TARGETS commvq commvq_static EXPORT commvqTargets
+        LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
+        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
+        RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
+        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES ${PROJECT_SOURCE_DIR}/include/commvq.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+
+set(COMMVQ_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/commvq)
+install(EXPORT commvqTargets NAMESPACE commvq:: DESTINATION ${COMMVQ_CMAKE_DIR})
+configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/commvqConfig.cmake.in
+  ${PROJECT_BINARY_DIR}/commvqConfig.cmake INSTALL_DESTINATION ${COMMVQ_CMAKE_DIR})
+write_basic_package_version_file(${PROJECT_BINARY_DIR}/commvqConfigVersion.cmake
+  VERSION ${PROJECT_VERSION} COMPATIBILITY SameMinorVersion)
+install(FILES ${PROJECT_BINARY_DIR}/commvqConfig.cmake ${PROJECT_BINARY_DIR}/commvqConfigVersion.cmake
+        DESTINATION ${COMMVQ_CMAKE_DIR})
+
+# pkg-config: the static library's private dependencies go in Libs.private.
+set(COMMVQ_PC_LIBS_PRIVATE "-lm -lpthread")
+if(OpenMP_C_FOUND)
+  string(APPEND COMMVQ_PC_LIBS_PRIVATE " ${OpenMP_C_FLAGS}")
+endif()
+configure_file(${PROJECT_SOURCE_DIR}/cmake/commvq.pc.in ${PROJECT_BINARY_DIR}/commvq.pc @ONLY)
+install(FILES ${PROJECT_BINARY_DIR}/commvq.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
