@@ -90,8 +90,9 @@ void cvq_codebook_free(cvq_codebook *cb) {
     cvq__free(&a, cb);
 }
 
-/* n floats (or elem-byte items) from the codebook's allocator, zeroed;
- * records the request size for the failure message. */
+/* n items of elem bytes from the codebook's allocator, zeroed. After the
+ * first failure *ok is false and later calls allocate nothing, so that one
+ * check after all of them suffices (cvq_codebook_free frees the rest). */
 static void *alloc_zero(cvq_codebook *cb, size_t n, size_t elem, bool *ok) {
     if (!*ok) return NULL;
     void *p = cvq__calloc(&cb->alloc, n, elem);
@@ -483,10 +484,7 @@ cvq_status cvq_codebook_random(const cvq_geometry *geometry,
                                cvq_codebook **out) {
     cvq_codebook *cb = NULL;
     cvq_status s = cvq_codebook_create(geometry, rope_theta, allocator, &cb);
-    if (s != CVQ_OK) {
-        if (out) *out = NULL;
-        return s;
-    }
+    if (s != CVQ_OK) return s; /* *out is NULL (or out itself is) */
     const cvq_geometry *g = &cb->geom;
     const double inv_sd = 1.0 / sqrt(1431655765.0);
     const size_t L = g->n_layers, groups = cvq__value_groups(g);
@@ -546,11 +544,8 @@ cvq_status cvq_codebook_random(const cvq_geometry *geometry,
     s = cvq_codebook_commit(cb);
     if (s != CVQ_OK) { /* cannot happen: every value is finite and small */
         cvq_codebook_free(cb);
-        cb = NULL;
+        return s;
     }
-    if (out)
-        *out = cb;
-    else
-        cvq_codebook_free(cb);
-    return s;
+    *out = cb;
+    return CVQ_OK;
 }

@@ -22,6 +22,11 @@ Every polynomial is evaluated in Horner form from the highest coefficient:
 The sin/cos polynomials are plain Taylor coefficients rounded to binary32
 (accurate enough on [0, pi/4]: truncation < 2e-9); the script only checks
 them (all 2^24+1 reduced arguments).
+
+It also prints the 1280 bits of 1/(2*pi) used by cvq_rope_phase_step (40
+words of 32 bits, most significant first) and a few exact phase steps
+t = round(frac(theta/(2*pi)) * 2^64) mod 2^64 that tests/test_numerics.c
+uses as known answers.
 """
 import math
 import sys
@@ -140,6 +145,24 @@ def sweep_sincos():
     return float(poly_err), float(full_err)
 
 
+def inv_2pi_words(n=40):
+    with mp.workdps(500):
+        x = 1 / (2 * mp.pi)
+        words = []
+        for _ in range(n):
+            x *= 2**32
+            w = int(mp.floor(x))
+            words.append(w)
+            x -= w
+    return words
+
+
+def phase_step(theta):
+    with mp.workdps(500):
+        v = mp.mpf(theta) / (2 * mp.pi)
+        return int(mp.nint((v - mp.floor(v)) * 2**64)) % 2**64
+
+
 def main():
     quick = "--quick" in sys.argv
     p0, e0 = fit(lambda t: mp.erf(mp.sqrt(t)) / mp.sqrt(t) - 1,
@@ -171,6 +194,14 @@ def main():
     print("cos coefficients (a^2 .. a^10):",
           ", ".join(c_literal(c) for c in COS_C))
     print("K = fl32(pi) * 2^-26 =", c_literal(K), "=", float(K).hex())
+    words = inv_2pi_words()
+    print("static const uint32_t INV_2PI[40] = {")
+    for i in range(0, 40, 5):
+        print("    " + " ".join("0x%08XU," % w for w in words[i:i + 5]))
+    print("};")
+    for th in [1.0, 0.5, 2.0**-20, 2.4e-6, 1000.0, 3.0e10, 1e300,
+               2 * math.pi, 5e-324]:
+        print("phase step t(%r) = 0x%016XU" % (th, phase_step(th)))
     pe, fe = sweep_sincos()
     print("sin/cos: max abs error vs double sin/cos of the float argument"
           " = %.3e; vs the exact angle m*pi/2^26 = %.3e" % (pe, fe))
