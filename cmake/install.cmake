@@ -24,5 +24,12 @@ set(COMMVQ_PC_LIBS_PRIVATE "-lm -lpthread")
 if(OpenMP_C_FOUND)
   string(APPEND COMMVQ_PC_LIBS_PRIVATE " ${OpenMP_C_FLAGS}")
 endif()
+# Relocatable: the prefix is found from the .pc file's own folder, so an
+# install with `cmake --install --prefix X` works wherever X is.
+set(COMMVQ_PC_PREFIX "\${pcfiledir}")
+string(REPLACE "/" ";" _libdir_parts "${CMAKE_INSTALL_LIBDIR}/pkgconfig")
+foreach(_part ${_libdir_parts})
+  string(APPEND COMMVQ_PC_PREFIX "/..")
+endforeach()
 configure_file(${PROJECT_SOURCE_DIR}/cmake/commvq.pc.in ${PROJECT_BINARY_DIR}/commvq.pc @ONLY)
 install(FILES ${PROJECT_BINARY_DIR}/commvq.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

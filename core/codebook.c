@@ -482,9 +482,11 @@ cvq_status cvq_codebook_random(const cvq_geometry *geometry,
                                const double *rope_theta, uint64_t seed,
                                const cvq_allocator *allocator,
                                cvq_codebook **out) {
+    if (!out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "codebook: out is NULL");
+    *out = NULL;
     cvq_codebook *cb = NULL;
     cvq_status s = cvq_codebook_create(geometry, rope_theta, allocator, &cb);
-    if (s != CVQ_OK) return s; /* *out is NULL (or out itself is) */
+    if (s != CVQ_OK) return s;
     const cvq_geometry *g = &cb->geom;
     const double inv_sd = 1.0 / sqrt(1431655765.0);
     const size_t L = g->n_layers, groups = cvq__value_groups(g);

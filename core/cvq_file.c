@@ -230,23 +230,35 @@ static void set_section(section *s, const char *name, uint32_t dtype,
     s->size = count * dtype_size(dtype);
 }
 
-/* fp16 storage must not turn a finite value into infinity. */
-static cvq_status check_fp16_range(const cvq_codebook *cb) {
+/* Every value must be finite (the reader would refuse the file), and with
+ * fp16 storage no finite value may round to infinity. This scan does not
+ * rely on the dirty flag: a write through a pointer obtained before the last
+ * commit is not tracked, and a file is forever. */
+static cvq_status check_savable(const cvq_codebook *cb, bool fp16) {
     for (size_t k = 0; k < N_FILE_TENSORS; k++) {
         const cvq_tensor_id id = k_file_tensors[k];
-        const size_t n = cb->geom.n_layers * cb->layer_stride[id];
+        const size_t per_layer = cb->layer_stride[id];
+        const size_t n = cb->geom.n_layers * per_layer;
         const float *x = cb->tensors[id];
-        for (size_t j = 0; j < n; j++)
-            if ((cvq_f32_to_f16(x[j]) & 0x7FFFu) == 0x7C00u) {
+        for (size_t j = 0; j < n; j++) {
+            const bool bad_value = !isfinite(x[j]);
+            if (bad_value || (fp16 && (cvq_f32_to_f16(x[j]) & 0x7FFFu) == 0x7C00u)) {
                 cvq_tensor_info info;
                 (void)cvq_codebook_tensor_info(cb, id, &info);
+                if (bad_value)
+                    return CVQ_FAIL(NULL, CVQ_ERR_FORMAT_NONFINITE,
+                                    "cannot save: %s layer %zu element %zu (of the "
+                                    "layer) is %s",
+                                    info.name, j / per_layer, j % per_layer,
+                                    isnan(x[j]) ? "NaN" : "infinite");
                 return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT,
-                                "cannot save as fp16: %s[%zu] = %g (layer %zu) "
-                                "overflows binary16 (largest finite 65504); "
-                                "save in fp32",
-                                info.name, j % cb->layer_stride[id], (double)x[j],
-                                j / cb->layer_stride[id]);
+                                "cannot save as fp16: %s layer %zu element %zu (of "
+                                "the layer) = %g overflows binary16 (largest "
+                                "finite 65504); save in fp32",
+                                info.name, j / per_layer, j % per_layer,
+                                (double)x[j]);
             }
+        }
     }
     return CVQ_OK;
 }
@@ -259,18 +271,11 @@ cvq_status cvq_codebook_save(const cvq_codebook *cb, const char *path,
     if (flags & ~CVQ_SAVE_FP16)
         return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT,
                         "cvq_codebook_save: unknown flags 0x%x", flags);
-    if (cb->dirty) {
-        /* Refuse to write a file the reader would refuse. Casting const away
-         * is safe for the same reason as in cvq__layer_view: commit only
-         * rebuilds derived tables (and checks finiteness). */
-        cvq_status s = cvq_codebook_commit((cvq_codebook *)cb);
-        if (s != CVQ_OK) return s;
-    }
+    /* Refuse, before creating anything, to write a file the reader would
+     * refuse or that would not hold the values. */
     const bool fp16 = (flags & CVQ_SAVE_FP16) != 0;
-    if (fp16) {
-        cvq_status s = check_fp16_range(cb);
-        if (s != CVQ_OK) return s;
-    }
+    cvq_status st = check_savable(cb, fp16);
+    if (st != CVQ_OK) return st;
 
     const cvq_geometry *g = &cb->geom;
     const uint32_t P = cvq__pairs(g);
@@ -362,7 +367,9 @@ cvq_status cvq_codebook_save(const cvq_codebook *cb, const char *path,
         err = errno;
     }
     if (!ok) {
-        remove(path); /* do not leave a file the reader would refuse */
+        /* A partial file may remain (the path may not be a regular file, so
+         * it is not removed); the reader refuses it: the header announces
+         * the full size. */
         return CVQ_FAIL(NULL, CVQ_ERR_IO, "cannot write '%s': %s", path,
                         strerror(err));
     }

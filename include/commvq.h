@@ -333,10 +333,13 @@ CVQ_API const char *cvq_codebook_note(const cvq_codebook *cb);
 CVQ_API cvq_status cvq_codebook_tensor_info(const cvq_codebook *cb,
                                             cvq_tensor_id id,
                                             cvq_tensor_info *out);
-/* Mutable fp32 view of one tensor (not CVQ_T_ROPE_THETA). Writing through
- * it invalidates the derived tables; they are rebuilt (and the values
+/* Mutable fp32 view of one tensor (not CVQ_T_ROPE_THETA). The call marks
+ * the codebook dirty: its derived tables are rebuilt (and the values
  * checked for finiteness) by the next encode/attend or by
- * cvq_codebook_commit(). */
+ * cvq_codebook_commit(). Writes made through the pointer after such a
+ * rebuild are not noticed: call cvq_codebook_commit() when done writing.
+ * A dirty codebook is rebuilt in place on first use, so commit it before
+ * sharing it between threads (loaded and random codebooks are committed). */
 CVQ_API cvq_status cvq_codebook_tensor_data(cvq_codebook *cb,
                                             cvq_tensor_id id, uint32_t layer,
                                             uint32_t group, float **data);

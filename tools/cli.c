@@ -49,8 +49,21 @@ int cli_fail(const char *fmt, ...) {
     return CLI_FAIL;
 }
 
+const char *cli_lib_message(cvq_status st) {
+    /* The library's messages may already start with the status name; do
+     * not print it twice. */
+    const char *msg = cvq_last_error();
+    const char *name = cvq_status_name(st);
+    size_t n = strlen(name);
+    if (strncmp(msg, name, n) == 0 && msg[n] == ':') {
+        msg += n + 1;
+        while (*msg == ' ') msg++;
+    }
+    return msg[0] ? msg : cvq_status_string(st);
+}
+
 int cli_lib_fail(cvq_status st) {
-    fprintf(stderr, "commvq: %s: %s\n", cvq_status_name(st), cvq_last_error());
+    fprintf(stderr, "commvq: %s: %s\n", cvq_status_name(st), cli_lib_message(st));
     return CLI_FAIL;
 }
 

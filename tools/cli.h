@@ -57,6 +57,9 @@ int cli_fail(const char *fmt, ...)
     __attribute__((format(printf, 1, 2)))
 #endif
     ;
+/* cvq_last_error() without a leading "<status name>: " (the library may
+ * add one); the status description when the message is empty. */
+const char *cli_lib_message(cvq_status st);
 /* Prints "commvq: <status name>: <cvq_last_error()>"; returns CLI_FAIL. */
 int cli_lib_fail(cvq_status st);
 

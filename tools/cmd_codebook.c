@@ -296,7 +296,7 @@ int cmd_export_codebook(const cli_cmd *cmd, int argc, char **argv) {
         all = NULL;
         format_shape(shape, nd, shape_text, sizeof shape_text);
         fprintf(man, "%s\t%s\t%s\tfloat32\t", fname, ti.name, shape_text);
-        print_field(man, is_value ? "[layer][value group] " : "[layer] ");
+        print_field(man, is_value ? "(stacked: layer, value group) " : "(stacked: layer) ");
         print_field(man, ti.meaning);
         fputc('\n', man);
     }

@@ -28,10 +28,14 @@ static const char *exactness_name(cvq_exactness e) {
     return "unknown";
 }
 
-/* "12.3 GiB", or "unknown" for 0. */
+/* "12.3 GiB"; "unknown" for 0, "no limit" for UINT64_MAX. */
 static void format_bytes(uint64_t b, char *buf, size_t cap) {
     if (b == 0) {
         snprintf(buf, cap, "unknown");
+    } else if (b == UINT64_MAX) {
+        snprintf(buf, cap, "no limit");
+    } else if (b >= (1ull << 40)) {
+        snprintf(buf, cap, "%.1f TiB", (double)b / (double)(1ull << 40));
     } else if (b >= (1ull << 30)) {
         snprintf(buf, cap, "%.1f GiB", (double)b / (double)(1ull << 30));
     } else if (b >= (1ull << 20)) {
@@ -88,7 +92,7 @@ int cmd_info(const cli_cmd *cmd, int argc, char **argv) {
             printf("  %-7s available\n", cvq_backend_name(kinds[i]));
         else
             printf("  %-7s not available: %s: %s\n", cvq_backend_name(kinds[i]),
-                   cvq_status_name(st), cvq_last_error());
+                   cvq_status_name(st), cli_lib_message(st));
     }
 
     st = cvq_list_devices(NULL, 0, &count);
