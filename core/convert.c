@@ -1,5 +1,5 @@
 /*
- * Element conversions (docs/numerics.md section 2): fp16 and bf16 to fp32
+ * Element conversions (docs/numerics.md section 1): fp16 and bf16 to fp32
  * are exact; fp32 to fp16 rounds to nearest, ties to even. Pure integer bit
  * manipulation, so the result never depends on compiler support for
  * _Float16 or on the FPU's flush-to-zero setting.

@@ -83,7 +83,7 @@ struct cvq_codebook {
     float *tensors[CVQ_T_COUNT];
     size_t layer_stride[CVQ_T_COUNT];
     size_t group_stride[CVQ_T_COUNT];
-    /* Derived tables (numerics.md section 5), rebuilt by commit. */
+    /* Derived tables (numerics.md section 3), rebuilt by commit. */
     float *key_n;              /* [L][Hkv][R][64]        n_a              */
     float *key_G;              /* [L][Hkv][R][64][64]    G[A][B]          */
     float *val_inv_ls;         /* [L][groups][F]         1/(ls+eps)       */

@@ -1,5 +1,5 @@
 /*
- * The numerics contract's shared primitives (docs/numerics.md sections 6-8):
+ * The numerics contract's shared primitives (docs/numerics.md sections 5 and 7):
  * erf / GELU from the library's own polynomials, the exact integer RoPE
  * phase, cos/sin of a phase, RoPE applied to a head vector, and the check
  * that the FPU keeps subnormals.

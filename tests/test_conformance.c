@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "commvq.h"
 #include "cvq_internal.h"
@@ -265,17 +266,17 @@ static void test_key_codes(void **state) {
      * (4096 * P complex terms per stage) stays around a few seconds. */
     th_case cases[] = {
         {.op = "keys", .d = 64, .hq = 3, .hkv = 3, .R = 6, .Nc = 64, .layout = CVQ_PAIRS_ROTATE_HALF,
-         .scale = CVQ_KEY_SCALE_TOKEN, .T = 40},
+         .scale = CVQ_KEY_SCALE_TOKEN, .T = 200},
         {.op = "keys", .d = 80, .hq = 4, .hkv = 2, .R = 8, .Nc = 64, .layout = CVQ_PAIRS_INTERLEAVED,
-         .scale = CVQ_KEY_SCALE_HEAD, .T = 40},
+         .scale = CVQ_KEY_SCALE_HEAD, .T = 200},
         {.op = "keys", .d = 96, .hq = 1, .hkv = 1, .R = 4, .Nc = 64, .layout = CVQ_PAIRS_ROTATE_HALF,
-         .scale = CVQ_KEY_SCALE_HEAD, .T = 80},
+         .scale = CVQ_KEY_SCALE_HEAD, .T = 400},
         {.op = "keys", .d = 128, .hq = 32, .hkv = 8, .R = 11, .Nc = 1024, .F = 1024,
-         .layout = CVQ_PAIRS_INTERLEAVED, .scale = CVQ_KEY_SCALE_TOKEN, .T = 12},
+         .layout = CVQ_PAIRS_INTERLEAVED, .scale = CVQ_KEY_SCALE_TOKEN, .T = 60},
         {.op = "keys", .d = 128, .hq = 8, .hkv = 4, .R = 21, .Nc = 64, .F = 128,
-         .layout = CVQ_PAIRS_ROTATE_HALF, .scale = CVQ_KEY_SCALE_HEAD, .T = 6},
+         .layout = CVQ_PAIRS_ROTATE_HALF, .scale = CVQ_KEY_SCALE_HEAD, .T = 30},
         {.op = "keys", .d = 256, .hq = 4, .hkv = 2, .R = 5, .Nc = 64, .layout = CVQ_PAIRS_ROTATE_HALF,
-         .scale = CVQ_KEY_SCALE_TOKEN, .T = 16},
+         .scale = CVQ_KEY_SCALE_TOKEN, .T = 80},
     };
     key_stats ks;
     memset(&ks, 0, sizeof ks);
@@ -469,6 +470,35 @@ static void test_conventions_known_answer(void **state) {
             th_pair(layout, 4, p, &re, &im);
             assert_true(z[re] == ka_res[p][0] && z[im] == ka_res[p][1]);
         }
+        /* Tie rule (strict <, lowest index wins), exact ties by hand:
+         * z = (-0.375 - 0.5i, -0.625 + 0.75i): <w1,z> = 0.25i(-0.375-0.5i)
+         * + (-0.5i)(-0.625+0.75i) = 0.5 + 0.21875i, <w3,z> = -0.5i(-0.375-0.5i)
+         * = -0.25 + 0.1875i, so g1 = 0.3125 - 0.4375 = -0.125 = g3 = 0.25 -
+         * 0.375, and G[1][1] = G[1][3] = 0: codes 65 = (1,1) and 67 = (1,3) are
+         * exactly equidistant (0.53125, next 0.65625). Expect 65, residual
+         * z - c(1,1), c(1,1) = w1 + i*w1 = (0.25 - 0.25i, -0.5 + 0.5i). */
+        static const float tie_z[2][2] = {{-0.375f, -0.5f}, {-0.625f, 0.75f}};
+        static const float tie_res[2][2] = {{-0.625f, -0.25f}, {-0.125f, 0.25f}};
+        for (uint32_t p = 0; p < 2; p++) {
+            uint32_t re, im;
+            th_pair(layout, 4, p, &re, &im);
+            z[re] = tie_z[p][0];
+            z[im] = tie_z[p][1];
+        }
+        assert_int_equal(cvq_ref_key_stage(&w[0][0][0], n, &G[0][0], 4, layout, z), 65);
+        for (uint32_t p = 0; p < 2; p++) {
+            uint32_t re, im;
+            th_pair(layout, 4, p, &re, &im);
+            assert_true(z[re] == tie_res[p][0] && z[im] == tie_res[p][1]);
+        }
+        /* z = 0: every code built from zero sub-codes (0, 4..63) is at
+         * distance 0, all others farther (e.g. (3,2): 0.25 + 0.375 - 0.25);
+         * the lowest index, 0, wins and the residual stays 0. */
+        memset(z, 0, sizeof z);
+        assert_int_equal(cvq_ref_key_stage(&w[0][0][0], n, &G[0][0], 4, layout, z), 0);
+        for (int j = 0; j < 4; j++) {
+            assert_true(z[j] == 0.0f);
+        }
     }
 
     /* 2. The same sub-codes in pairs 0 and 1 of a d = 64 codebook made with
@@ -543,7 +573,7 @@ static void test_conventions_known_answer(void **state) {
         cvq_codebook_free(cb);
     }
     printf("[conformance c] known answer d=4 R=1: code %u, residual and decode exact, both "
-           "layouts; wrong conventions give 195/131/67\n",
+           "layouts; wrong conventions give 195/131/67; exact ties -> lowest index\n",
            KA_CODE);
 }
 
@@ -1153,7 +1183,7 @@ static void test_stress_near_ties(void **state) {
     size_t picked_pair = 0, trials = 0, near_ties = 0;
     for (int noise_kind = 0; noise_kind < 3; noise_kind++) {
         const double noise = noise_kind == 0 ? 0.0 : (noise_kind == 1 ? 1e-7 : 1e-5);
-        for (int trial = 0; trial < 40; trial++) {
+        for (int trial = 0; trial < 300; trial++) {
             /* k1 and k2 share A (or B): the midpoint is then exactly
              * equidistant from both centres, |w_B1 - w_B2|/2 away (or
              * |w_A1 - w_A2|/2), and in practice closer than any other code */
@@ -1456,18 +1486,39 @@ static void test_stress_rejections(void **state) {
 #undef EXPECT_REJECT
 }
 
+/* Per-test wall time, printed after each section's summary. */
+static struct timespec t_start;
+static int timer_start(void **state) {
+    (void)state;
+    timespec_get(&t_start, TIME_UTC);
+    return 0;
+}
+static int timer_stop(void **state) {
+    (void)state;
+    struct timespec t;
+    timespec_get(&t, TIME_UTC);
+    printf("    (%.2f s)\n", (double)(t.tv_sec - t_start.tv_sec) + 1e-9 * (double)(t.tv_nsec - t_start.tv_nsec));
+    return 0;
+}
+#define TIMED(f) cmocka_unit_test_setup_teardown(f, timer_start, timer_stop)
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_key_codes),
-        cmocka_unit_test(test_conventions_known_answer),
-        cmocka_unit_test(test_conventions_sensitivity),
-        cmocka_unit_test(test_conventions_rope),
-        cmocka_unit_test(test_value_encode),
-        cmocka_unit_test(test_attention_grid),
-        cmocka_unit_test(test_attention_llama),
-        cmocka_unit_test(test_stress_near_ties),
-        cmocka_unit_test(test_stress_magnitudes),
-        cmocka_unit_test(test_stress_rejections),
+        TIMED(test_key_codes),
+        TIMED(test_conventions_known_answer),
+        TIMED(test_conventions_sensitivity),
+        TIMED(test_conventions_rope),
+        TIMED(test_value_encode),
+        TIMED(test_attention_grid),
+        TIMED(test_attention_llama),
+        TIMED(test_stress_near_ties),
+        TIMED(test_stress_magnitudes),
+        TIMED(test_stress_rejections),
     };
+    /* COMMVQ_TEST_FILTER=test_attention* runs a subset (cmocka pattern) */
+    const char *filter = getenv("COMMVQ_TEST_FILTER");
+    if (filter && *filter) {
+        cmocka_set_test_filter(filter);
+    }
     return cmocka_run_group_tests_name("conformance", tests, NULL, NULL);
 }

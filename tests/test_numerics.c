@@ -138,7 +138,7 @@ static void test_erf_special_values(void **state) {
     }
 }
 
-/* The algorithm of docs/numerics.md section 7, re-typed from the document
+/* The algorithm of docs/numerics.md section 7.2, re-typed from the document
  * (coefficients from its table). cvq_erf_f32 must equal it bit for bit:
  * GPU backends port the document, so the code and the document must agree. */
 static float doc_erf(float x) {
@@ -302,7 +302,7 @@ static void test_sincos_turn_exact_points(void **state) {
     }
 }
 
-/* docs/numerics.md section 8, re-typed from the document. */
+/* docs/numerics.md section 5.2, re-typed from the document. */
 static void doc_sincos(uint32_t hi, float *c, float *s) {
     static const float S[4] = {-1.6666667e-01f, 8.333334e-03f, -1.984127e-04f,
                                2.7557319e-06f};

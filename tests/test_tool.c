@@ -8,7 +8,9 @@
  *     the same data: bit-exact (same library code path);
  *   - attend against cvq_cache_* called here: bit-exact (memcmp);
  *   - errors: --layer missing on a 2-layer file, truncated and malformed
- *     .npy files, non-finite input, usage errors (exit 2), info.
+ *     .npy files, non-finite input, usage errors (exit 2), info;
+ *   - demo on a short cache: record sizes, and code-domain attention equal
+ *     to attention over the decoded cache.
  *
  * The .npy files are read and written by a minimal reader/writer written
  * here, not by tools/npy.c, so the tool's file format is checked
@@ -415,6 +417,42 @@ static void test_export(void **state) {
     cvq_codebook_free(mine);
 }
 
+/* --fp16: every tensor stored as binary16, read back exactly: the exported
+ * key_w is the fp32 random codebook rounded to fp16. */
+static void test_export_fp16(void **state) {
+    cvq_geometry g = test_geometry();
+    cvq_codebook *mine = NULL;
+    double theta[G_D / 2];
+    const uint64_t want_shape[6] = {G_L, G_HKV, G_R, 64, G_D / 2, 2};
+    size_t per = (size_t)G_HKV * G_R * 64 * (G_D / 2) * 2, i;
+    uint32_t l;
+    tnpy a;
+    (void)state;
+    assert_int_equal(run_tool("random-codebook --out '%s' %s --fp16", path_in("cb2h.cvq"),
+                              g_cb_args),
+                     0);
+    assert_int_equal(run_tool("export-codebook '%s' --npy-dir '%s'", path_in("cb2h.cvq"),
+                              path_in("exph")),
+                     0);
+    assert_int_equal(cvq_rope_freqs_default(G_D, 10000.0, theta), CVQ_OK);
+    assert_int_equal(cvq_codebook_random(&g, theta, G_SEED, NULL, &mine), CVQ_OK);
+    read_npy(path_in("exph/key_w.npy"), &a);
+    check_npy(&a, "<f4", 6, want_shape);
+    for (l = 0; l < G_L; l++) {
+        const float *src = NULL;
+        assert_int_equal(cvq_codebook_tensor_cdata(mine, CVQ_T_KEY_W, l, 0, &src), CVQ_OK);
+        for (i = 0; i < per; i++) {
+            float got, want = cvq_f16_to_f32(cvq_f32_to_f16(src[i]));
+            memcpy(&got, a.data + (l * per + i) * 4, 4);
+            if (memcmp(&got, &want, 4) != 0)
+                fail_msg("key_w layer %u element %zu: %g, want %g", l, i, (double)got,
+                         (double)want);
+        }
+    }
+    tnpy_free(&a);
+    cvq_codebook_free(mine);
+}
+
 /* ---- encode ------------------------------------------------------------------ */
 
 /* Runs `encode` on keys/values (written in `descr`) and compares its four
@@ -812,6 +850,47 @@ static void test_errors(void **state) {
                      2);
 }
 
+/* ---- demo ------------------------------------------------------------------------ */
+
+/* The demo on a short cache (150 tokens: 22 compressed, 128 in the window).
+ * Its table row for each codebook: bytes per token and bits per element
+ * against values worked out here from the record format, and the error
+ * against the decoded cache at float rounding level. */
+static void test_demo(void **state) {
+    static const struct {
+        const char *name;
+        unsigned R, Nc;
+    } cfg[2] = {{"1-bit", 11, 1024}, {"2-bit", 21, 2048}};
+    int c;
+    (void)state;
+    assert_int_equal(run_tool("demo --backend cpu --tokens 150 --seed 3"), 0);
+    assert_non_null(strstr(g_run.out, "a random codebook does not preserve keys and values"));
+    for (c = 0; c < 2; c++) {
+        /* LLaMA-3.1-8B layer: Hkv = 8, d = 128, one value group of 1024 dims;
+         * key codes at 12 bits, value bits, 2 fp32 scales */
+        unsigned code_bits = 12u * 8u * cfg[c].R + cfg[c].Nc;
+        unsigned want_bytes = (12u * 8u * cfg[c].R + 7u) / 8u + cfg[c].Nc / 8u + 8u;
+        double want_bpe = (double)(code_bits + 64u) / (2.0 * 8.0 * 128.0);
+        char key[32], backend[16], codes[16];
+        unsigned bytes;
+        double ratio, bpe, mib, err_dec, err_fp16;
+        const char *row;
+        snprintf(key, sizeof key, "\ncpu     %s", cfg[c].name);
+        row = strstr(g_run.out, key);
+        if (row == NULL) fail_msg("no demo row for cpu %s:\n%s", cfg[c].name, g_run.out);
+        assert_int_equal(sscanf(row + 1, "%15s %15s %u %lfx %lf %lf %lf %lf", backend, codes,
+                                &bytes, &ratio, &bpe, &mib, &err_dec, &err_fp16),
+                         8);
+        assert_int_equal(bytes, want_bytes);
+        assert_true(fabs(bpe - want_bpe) < 0.0005);
+        assert_true(fabs(ratio - 4096.0 / want_bytes) < 0.05);
+        /* code-domain attention = attention over the decoded cache */
+        assert_true(err_dec < 1e-5);
+        /* a random codebook is far from the original K/V */
+        assert_true(err_fp16 > 1e-2);
+    }
+}
+
 /* ---- main ------------------------------------------------------------------------ */
 
 int main(void) {
@@ -819,11 +898,13 @@ int main(void) {
         cmocka_unit_test(test_info),
         cmocka_unit_test(test_usage),
         cmocka_unit_test(test_export),
+        cmocka_unit_test(test_export_fp16),
         cmocka_unit_test(test_encode_f32),
         cmocka_unit_test(test_encode_f16_bf16_f64),
         cmocka_unit_test(test_encode_one_layer_default),
         cmocka_unit_test(test_attend),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_demo),
     };
     const char *tool = getenv("COMMVQ_TOOL");
     const char *tmp = getenv("COMMVQ_TEST_TMP");
