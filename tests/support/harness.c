@@ -1,8 +1,8 @@
 /*
  * Conformance harness: cases, data, guard bands, comparisons and the
  * independent double-precision oracles (see harness.h). The oracles are
- * written from the method note (docs/../commvq-method.md) in double with
- * libm, and call no library kernel.
+ * written from the method note (commvq-method.md), not from docs/numerics.md,
+ * in double with libm, and call no library kernel.
  */
 #include "harness.h"
 

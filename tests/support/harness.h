@@ -12,7 +12,7 @@
  * - Compare helpers: codes bit for bit; floats by normalised error, any NaN
  *   fails.
  * - Independent double-precision oracles written from the method note
- *   (docs/numerics.md is NOT consulted and no library kernel is called):
+ *   (not from docs/numerics.md; no library kernel is called):
  *   brute-force key stage over the 4096 codes, RoPE in HF and GPT-J form,
  *   key/value decode, the value encoder, and attention over explicit K/V.
  */
