@@ -2,7 +2,7 @@
 # Installs the Debian packages the build and tests need, when missing.
 # Used by scripts/demo.sh, scripts/test.sh and .ci/run. Needs root (or sudo).
 set -euo pipefail
-pkgs=(build-essential cmake pkg-config libcmocka-dev
+pkgs=(build-essential cmake pkg-config libcmocka-dev valgrind
       libvulkan-dev mesa-vulkan-drivers vulkan-validationlayers glslang-tools spirv-tools)
 missing=()
 for p in "${pkgs[@]}"; do
