@@ -22,6 +22,16 @@
  * Every case is named by its canonical parameter string (harness.h), which
  * seeds its data and is printed on failure. Each section prints one summary
  * line.
+ *
+ * Backends: every public-API check runs on each context of the harness's
+ * backend list (th_backends_open: cpu-ref, cpu, then every CUDA and Vulkan
+ * device that opens; COMMVQ_TEST_BACKENDS restricts it), in the manner of
+ * ggml's test-backend-ops: encoders bit for bit against the CPU reference,
+ * attention within the tolerance of the double oracle, guard bands around
+ * every output. CVQ_ERR_UNSUPPORTED is counted as a skip of that (case,
+ * backend), and each summary line ends with the per-backend counts
+ * "name run/skipped". A new backend joins by being listed by
+ * cvq_list_devices; no case needs editing.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -62,16 +72,28 @@ static void *xmalloc(size_t n) {
         }                                                                             \
     } while (0)
 
-static cvq_context *make_ctx(int reference) {
-    cvq_context_params cp = cvq_context_default_params();
-    cp.backend = CVQ_BACKEND_CPU;
-    cp.cpu_reference = reference;
-    cvq_context *ctx = NULL;
-    cvq_status st = cvq_context_create(&cp, &ctx);
-    if (st != CVQ_OK) {
-        fail_msg("cvq_context_create(CPU, reference=%d): %s", reference, cvq_last_error());
+/* The contexts under test, built once for the whole run (in main). */
+static th_backends g_bk;
+
+/* A backend's answer to a call that must succeed: false when it is
+ * CVQ_ERR_UNSUPPORTED (a skip, recorded in the backend's tally), true when
+ * CVQ_OK; anything else fails the test with the case and backend named. */
+static bool backend_ok(th_backend *b, const char *case_name, const char *call, cvq_status st) {
+    if (st == CVQ_OK) {
+        return true;
     }
-    return ctx;
+    if (th_unsupported(b, case_name, call, st)) {
+        return false;
+    }
+    fail_msg("%s [%s]: %s -> %s: %s", case_name, b->name, call, cvq_status_name(st),
+             cvq_last_error());
+    return false;
+}
+
+/* Per-backend "run/skipped" counts of the current section. */
+static const char *tally(int show_worst) {
+    static char buf[1024];
+    return th_tally_str(&g_bk, show_worst, buf, sizeof buf);
 }
 
 /* Geometry, RoPE table (default, base 500000) and a random codebook of a
@@ -293,7 +315,7 @@ static void test_key_codes(void **state) {
     key_stats ks;
     memset(&ks, 0, sizeof ks);
     double *dist = xmalloc(4096 * sizeof(double));
-    cvq_context *ctx_ref = make_ctx(1), *ctx_fast = make_ctx(0);
+    th_tally_reset(&g_bk);
     size_t n_tokens = 0;
     double key_decode_err = 0.0;
 
@@ -327,35 +349,37 @@ static void test_key_codes(void **state) {
             }
         }
 
-        /* Public API, reference and default CPU contexts: codes and scales
-         * bit-identical to the reference token encoder; guard bands intact. */
+        /* Public API, every backend: codes and scales bit-identical to the
+         * CPU reference (the reference token encoder, checked above against
+         * the brute force; the cpu-ref context must reproduce it too); guard
+         * bands intact. */
         uint16_t *codes_ref = xmalloc(T * c->hkv * R * sizeof(uint16_t));
         float *scales_ref = xmalloc(T * ns * sizeof(float));
         for (size_t t = 0; t < T; t++) {
             cvq_ref_encode_key_token(&lv, k + t * kvd, codes_ref + t * c->hkv * R,
                                      scales_ref + t * ns);
         }
-        cvq_context *ctxs[2] = {ctx_ref, ctx_fast};
-        for (int ic = 0; ic < 2; ic++) {
+        for (size_t bi = 0; bi < g_bk.n; bi++) {
+            th_backend *b = &g_bk.b[bi];
             uint16_t *codes = th_guard_alloc(T * c->hkv * R * sizeof(uint16_t));
             float *scales = th_guard_alloc(T * ns * sizeof(float));
             assert_non_null(codes);
             assert_non_null(scales);
-            cvq_status st = cvq_encode_keys(ctxs[ic], cb, 0, k, CVQ_F32, T, codes, scales);
-            if (st != CVQ_OK) {
-                fail_msg("%s: cvq_encode_keys (ctx %d): %s", c->name, ic, cvq_last_error());
-            }
+            cvq_status st = cvq_encode_keys(b->ctx, cb, 0, k, CVQ_F32, T, codes, scales);
             if (!th_guard_ok(codes) || !th_guard_ok(scales)) {
-                fail_msg("%s: cvq_encode_keys (ctx %d) wrote outside its outputs", c->name, ic);
+                fail_msg("%s [%s]: cvq_encode_keys wrote outside its outputs", c->name, b->name);
             }
-            size_t first = 0;
-            if (th_cmp_u16(codes, codes_ref, T * c->hkv * R, &first)) {
-                fail_msg("%s: cvq_encode_keys (ctx %d) code %zu = %u, reference %u", c->name, ic,
-                         first, codes[first], codes_ref[first]);
-            }
-            if (memcmp(scales, scales_ref, T * ns * sizeof(float)) != 0) {
-                fail_msg("%s: cvq_encode_keys (ctx %d) scales differ from the reference", c->name,
-                         ic);
+            if (backend_ok(b, c->name, "cvq_encode_keys", st)) {
+                size_t first = 0;
+                if (th_cmp_u16(codes, codes_ref, T * c->hkv * R, &first)) {
+                    fail_msg("%s [%s]: cvq_encode_keys code %zu = %u, reference %u", c->name,
+                             b->name, first, codes[first], codes_ref[first]);
+                }
+                if (memcmp(scales, scales_ref, T * ns * sizeof(float)) != 0) {
+                    fail_msg("%s [%s]: cvq_encode_keys scales differ from the reference",
+                             c->name, b->name);
+                }
+                th_tally_run(b);
             }
             th_guard_free(codes);
             th_guard_free(scales);
@@ -387,11 +411,11 @@ static void test_key_codes(void **state) {
     }
     printf("[conformance a/b] keys: %zu cases, %zu tokens, %zu stages vs brute force, "
            "%zu excused (worst %.2f of bound), residuals exact, energy decreasing, "
-           "key decode max err %.2e\n",
+           "key decode max err %.2e; public API bit-exact vs reference, backends run/skipped: "
+           "%s\n",
            sizeof cases / sizeof cases[0], n_tokens, ks.stages, ks.excused, ks.worst_ratio,
-           key_decode_err);
-    cvq_context_free(ctx_ref);
-    cvq_context_free(ctx_fast);
+           key_decode_err, tally(0));
+    th_tally_print_skips(&g_bk, "[conformance a/b]");
     free(dist);
 }
 
@@ -434,6 +458,7 @@ static const float ka_centre[2][2] = {{0.25f, 0.25f}, {0.5f, 0.0f}};
 
 static void test_conventions_known_answer(void **state) {
     (void)state;
+    th_tally_reset(&g_bk);
     /* 1. The stage kernel on hand-built tables, d = 4, both layouts. */
     float w[64][2][2];
     float n[64], G[64][64];
@@ -553,7 +578,7 @@ static void test_conventions_known_answer(void **state) {
                     lv.key_G[2 * 64 + 3] == 0.25f && lv.key_G[3 * 64 + 2] == -0.25f &&
                     lv.key_G[1 * 64 + 3] == 0.0f && lv.key_G[3 * 64 + 3] == 0.0f);
 
-        float k[64], kdec[64];
+        float k[64];
         memset(k, 0, sizeof k);
         for (uint32_t p = 0; p < 2; p++) {
             uint32_t re, im;
@@ -561,32 +586,49 @@ static void test_conventions_known_answer(void **state) {
             k[re] = ka_z[p][0];
             k[im] = ka_z[p][1];
         }
-        cvq_context *ctx = make_ctx(1);
-        uint16_t code = 0xFFFF;
-        float s = -1.0f;
-        assert_int_equal(cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, &code, &s), CVQ_OK);
-        assert_int_equal(code, KA_CODE);
-        assert_true(s == 1.0f);
-        assert_int_equal(cvq_decode_keys(ctx, cb, 0, &code, &s, 1, kdec), CVQ_OK);
-        for (uint32_t j = 0; j < 64; j++) {
-            float want = 0.0f;
-            for (uint32_t p = 0; p < 2; p++) {
-                uint32_t re, im;
-                th_pair(g.pair_layout, 64, p, &re, &im);
-                if (j == re) want = ka_centre[p][0];
-                if (j == im) want = ka_centre[p][1];
+        char name[48];
+        snprintf(name, sizeof name, "known-answer(layout=%s)", lay ? "inter" : "rot");
+        for (size_t bi = 0; bi < g_bk.n; bi++) {
+            th_backend *b = &g_bk.b[bi];
+            uint16_t *code = th_guard_alloc(sizeof(uint16_t));
+            float *s = th_guard_alloc(sizeof(float));
+            float *kdec = th_guard_alloc(64 * sizeof(float));
+            assert_true(code && s && kdec);
+            const cvq_status st = cvq_encode_keys(b->ctx, cb, 0, k, CVQ_F32, 1, code, s);
+            assert_true(th_guard_ok(code) && th_guard_ok(s));
+            if (backend_ok(b, name, "cvq_encode_keys", st)) {
+                if (*code != KA_CODE || *s != 1.0f) {
+                    fail_msg("%s [%s]: code %u scale %.9g, expected %u and 1", name, b->name,
+                             *code, *s, KA_CODE);
+                }
+                assert_int_equal(cvq_decode_keys(b->ctx, cb, 0, code, s, 1, kdec), CVQ_OK);
+                assert_true(th_guard_ok(kdec));
+                for (uint32_t j = 0; j < 64; j++) {
+                    float want = 0.0f;
+                    for (uint32_t p = 0; p < 2; p++) {
+                        uint32_t re, im;
+                        th_pair(g.pair_layout, 64, p, &re, &im);
+                        if (j == re) want = ka_centre[p][0];
+                        if (j == im) want = ka_centre[p][1];
+                    }
+                    if (kdec[j] != want) {
+                        fail_msg("%s [%s]: decoded k[%u] = %g, expected %g", name, b->name, j,
+                                 kdec[j], want);
+                    }
+                }
+                th_tally_run(b);
             }
-            if (kdec[j] != want) {
-                fail_msg("known answer (layout %d): decoded k[%u] = %g, expected %g", lay, j,
-                         kdec[j], want);
-            }
+            th_guard_free(code);
+            th_guard_free(s);
+            th_guard_free(kdec);
         }
-        cvq_context_free(ctx);
         cvq_codebook_free(cb);
     }
     printf("[conformance c] known answer d=4 R=1: code %u, residual and decode exact, both "
-           "layouts; wrong conventions give 195/131/67; exact ties -> lowest index\n",
-           KA_CODE);
+           "layouts; wrong conventions give 195/131/67; exact ties -> lowest index; backends "
+           "run/skipped: %s\n",
+           KA_CODE, tally(0));
+    th_tally_print_skips(&g_bk, "[conformance c]");
 }
 
 /* Wrong centre conventions, on random data: each must disagree with the
@@ -762,7 +804,7 @@ static void test_value_encode(void **state) {
         {.op = "values", .d = 128, .hq = 8, .hkv = 4, .R = 1, .Nc = 512, .F = 256, .T = 12},
         {.op = "values", .d = 128, .hq = 32, .hkv = 8, .R = 1, .Nc = 1024, .F = 1024, .T = 6},
     };
-    cvq_context *ctx_ref = make_ctx(1), *ctx_fast = make_ctx(0);
+    th_tally_reset(&g_bk);
     size_t n_groups_total = 0, n_excused = 0, n_tokens = 0;
     double worst_gap = 0.0, worst_sigma = 0.0, worst_decode = 0.0;
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
@@ -846,26 +888,32 @@ static void test_value_encode(void **state) {
             }
         }
         n_tokens += T;
-        /* Public API (reference and default CPU): bit-identical to the
-         * reference token encoder, outputs within their bounds. */
-        cvq_context *ctxs[2] = {ctx_ref, ctx_fast};
-        for (int ic = 0; ic < 2; ic++) {
+        /* Public API, every backend: bits and sigma bit-identical to the
+         * CPU reference (the reference token encoder, checked above against
+         * the double encoder); outputs within their bounds. */
+        for (size_t bi = 0; bi < g_bk.n; bi++) {
+            th_backend *b = &g_bk.b[bi];
             uint8_t *bits = th_guard_alloc(T * vbytes);
             float *sigma = th_guard_alloc(T * groups * sizeof(float));
             assert_non_null(bits);
             assert_non_null(sigma);
-            cvq_status st = cvq_encode_values(ctxs[ic], cb, 0, v, CVQ_F32, T, bits, sigma);
-            if (st != CVQ_OK) {
-                fail_msg("%s: cvq_encode_values (ctx %d): %s", c->name, ic, cvq_last_error());
-            }
+            cvq_status st = cvq_encode_values(b->ctx, cb, 0, v, CVQ_F32, T, bits, sigma);
             if (!th_guard_ok(bits) || !th_guard_ok(sigma)) {
-                fail_msg("%s: cvq_encode_values (ctx %d) wrote outside its outputs", c->name, ic);
+                fail_msg("%s [%s]: cvq_encode_values wrote outside its outputs", c->name,
+                         b->name);
             }
-            size_t first = 0;
-            if (th_cmp_bytes(bits, bits_ref, T * vbytes, &first) ||
-                memcmp(sigma, sigma_ref, T * groups * sizeof(float)) != 0) {
-                fail_msg("%s: cvq_encode_values (ctx %d) differs from the reference encoder",
-                         c->name, ic);
+            if (backend_ok(b, c->name, "cvq_encode_values", st)) {
+                size_t first = 0;
+                if (th_cmp_bytes(bits, bits_ref, T * vbytes, &first)) {
+                    fail_msg("%s [%s]: cvq_encode_values bits differ from the reference encoder "
+                             "(first at byte %zu: 0x%02x, reference 0x%02x)",
+                             c->name, b->name, first, bits[first], bits_ref[first]);
+                }
+                if (memcmp(sigma, sigma_ref, T * groups * sizeof(float)) != 0) {
+                    fail_msg("%s [%s]: cvq_encode_values sigma differs from the reference encoder",
+                             c->name, b->name);
+                }
+                th_tally_run(b);
             }
             th_guard_free(bits);
             th_guard_free(sigma);
@@ -883,11 +931,10 @@ static void test_value_encode(void **state) {
     }
     printf("[conformance d] values: %zu cases, %zu tokens, %zu 4-way groups vs double, %zu "
            "excused (worst gap %.2e * S, margin %.0e * S), sigma max rel err %.2e (tol 1e-5), "
-           "decode max err %.2e\n",
+           "decode max err %.2e; public API bit-exact vs reference, backends run/skipped: %s\n",
            sizeof cases / sizeof cases[0], n_tokens, n_groups_total, n_excused, worst_gap,
-           VALUE_MARGIN, worst_sigma, worst_decode);
-    cvq_context_free(ctx_ref);
-    cvq_context_free(ctx_fast);
+           VALUE_MARGIN, worst_sigma, worst_decode, tally(0));
+    th_tally_print_skips(&g_bk, "[conformance d]");
 }
 
 /* ---- (e) code-domain attention --------------------------------------------------- */
@@ -916,7 +963,7 @@ typedef struct attn_stats {
     size_t cases, runs, zero_rows;
     double worst;        /* max norm error */
     double worst_ratio;  /* max norm error / attn_tol */
-    char worst_name[256];
+    char worst_name[256 + 32]; /* case name [backend name] */
 } attn_stats;
 
 /* Query positions: n_q = 1: just after the last token; otherwise spread from
@@ -934,7 +981,114 @@ static void query_positions(const th_case *c, const int32_t *pos, int32_t *q_pos
     }
 }
 
-static void run_attention_case(th_case *c, cvq_context *const *ctxs, int n_ctx, attn_stats *as) {
+/* One attention case's inputs and oracle output, shared by the backends. */
+typedef struct attn_data {
+    const th_case *c;
+    const cvq_geometry *g;
+    const cvq_codebook *cb;
+    const float *K, *V, *Q;      /* [T][Hkv][d], [T][Hkv][d], [n_q][Hq][d] */
+    const int32_t *pos, *q_pos;  /* [T], [n_q] */
+    const double *want;          /* oracle output [n_q][Hq][d] */
+    size_t n_sink, n_comp, n_win; /* the cache policy's split of the T tokens */
+} attn_data;
+
+/* The case through the public cache API on one backend: append in chunks,
+ * check the split, attend, compare with the oracle within attn_tol. A call
+ * answered CVQ_ERR_UNSUPPORTED makes the (case, backend) a skip. */
+static void attend_on_backend(th_backend *b, const attn_data *ad, attn_stats *as) {
+    const th_case *c = ad->c;
+    const uint32_t T = c->T, nq = c->n_q;
+    const size_t kvd = (size_t)c->hkv * c->d, qd = (size_t)c->hq * c->d;
+    cvq_cache_params cp = cvq_cache_default_params();
+    cp.window = c->window;
+    cp.sinks = c->sinks;
+    cvq_cache *cache = NULL;
+    if (!backend_ok(b, c->name, "cvq_cache_create",
+                    cvq_cache_create(b->ctx, ad->cb, &cp, &cache))) {
+        return;
+    }
+    /* append in three uneven chunks, so blocks form across calls */
+    const uint32_t cut1 = T / 3, cut2 = T - T / 4;
+    const uint32_t cuts[4] = {0, cut1, cut2, T};
+    for (int ch = 0; ch < 3; ch++) {
+        const uint32_t a0 = cuts[ch], n = cuts[ch + 1] - a0;
+        if (n == 0) continue;
+        if (!backend_ok(b, c->name, "cvq_cache_append",
+                        cvq_cache_append(cache, ad->K + a0 * kvd, ad->V + a0 * kvd, CVQ_F32,
+                                         ad->pos + a0, n))) {
+            cvq_cache_free(cache);
+            return;
+        }
+    }
+    cvq_cache_stats stats;
+    assert_int_equal(cvq_cache_stats_get(cache, &stats), CVQ_OK);
+    if (stats.n_sink != ad->n_sink || stats.n_compressed != ad->n_comp ||
+        stats.n_window != ad->n_win || stats.n_tokens != T) {
+        fail_msg("%s [%s]: cache holds %llu sinks / %llu compressed / %llu window, expected %zu / "
+                 "%zu / %zu",
+                 c->name, b->name, (unsigned long long)stats.n_sink,
+                 (unsigned long long)stats.n_compressed, (unsigned long long)stats.n_window,
+                 ad->n_sink, ad->n_comp, ad->n_win);
+    }
+    float *out = th_guard_alloc(nq * qd * sizeof(float));
+    assert_non_null(out);
+    cvq_status st = cvq_cache_attend(cache, ad->Q, ad->q_pos, nq,
+                                     c->q_rotated ? CVQ_ATTEND_QUERIES_ROTATED : 0u, out);
+    if (!th_guard_ok(out)) {
+        fail_msg("%s [%s]: cvq_cache_attend wrote outside its output", c->name, b->name);
+    }
+    if (!backend_ok(b, c->name, "cvq_cache_attend", st)) {
+        th_guard_free(out);
+        cvq_cache_free(cache);
+        return;
+    }
+    const th_err e = th_cmp_f32_f64(out, ad->want, nq * qd);
+    const double tol = attn_tol(ad->g, T);
+    if (!(e.norm_err <= tol)) {
+        fail_msg("%s [%s]: attention error %.3g > %.2g (max abs err %.3g at %zu, max |out| "
+                 "%.3g, NaN %zu)",
+                 c->name, b->name, e.norm_err, tol, e.max_abs_err, e.worst, e.max_abs_ref,
+                 e.n_nan);
+    }
+    /* rows of queries that see nothing must be exactly zero */
+    for (uint32_t i = 0; i < nq; i++) {
+        if (ad->q_pos[i] >= ad->pos[0]) continue;
+        for (size_t j = 0; j < qd; j++) {
+            if (out[i * qd + j] != 0.0f) {
+                fail_msg("%s [%s]: query %u sees no token but out[%zu] = %g", c->name, b->name, i,
+                         j, out[i * qd + j]);
+            }
+        }
+        as->zero_rows++;
+    }
+    if (e.norm_err > as->worst) {
+        as->worst = e.norm_err;
+    }
+    if (e.norm_err / tol > as->worst_ratio) {
+        as->worst_ratio = e.norm_err / tol;
+        snprintf(as->worst_name, sizeof as->worst_name, "%s [%s]", c->name, b->name);
+    }
+    if (e.norm_err / tol > b->worst) {
+        b->worst = e.norm_err / tol;
+    }
+    as->runs++;
+    th_tally_run(b);
+    th_guard_free(out);
+    cvq_cache_free(cache);
+}
+
+/* One case on every backend. The oracle's compressed tokens are the codes
+ * of `oracle` (a CPU context: bit-identical to the reference encoders, as
+ * (a) and (d) check). with_ref = 0 leaves the cpu-ref context out. */
+static void run_attention_case(th_case *c, cvq_context *oracle, int with_ref, attn_stats *as) {
+    size_t n_backends = 0;
+    for (size_t bi = 0; bi < g_bk.n; bi++) {
+        n_backends += (with_ref || g_bk.b[bi].ctx != g_bk.ref);
+    }
+    if (n_backends == 0) {
+        th_case_finish(c);
+        return; /* the oracle would compare with nothing */
+    }
     cvq_geometry g;
     double theta[128];
     cvq_codebook *cb = case_codebook(c, &g, theta);
@@ -988,9 +1142,9 @@ static void run_attention_case(th_case *c, cvq_context *const *ctxs, int n_ctx, 
         uint8_t *vb = xmalloc(n_comp * vbytes);
         float *vs = xmalloc(n_comp * groups * sizeof(float));
         CHECK_OK(c->name,
-                 cvq_encode_keys(ctxs[0], cb, 0, K + n_sink * kvd, CVQ_F32, n_comp, codes, ks));
+                 cvq_encode_keys(oracle, cb, 0, K + n_sink * kvd, CVQ_F32, n_comp, codes, ks));
         CHECK_OK(c->name,
-                 cvq_encode_values(ctxs[0], cb, 0, V + n_sink * kvd, CVQ_F32, n_comp, vb, vs));
+                 cvq_encode_values(oracle, cb, 0, V + n_sink * kvd, CVQ_F32, n_comp, vb, vs));
         const float *key_w = NULL;
         assert_int_equal(cvq_codebook_tensor_cdata(cb, CVQ_T_KEY_W, 0, 0, &key_w), CVQ_OK);
         for (size_t t = 0; t < n_comp; t++) {
@@ -1010,73 +1164,13 @@ static void run_attention_case(th_case *c, cvq_context *const *ctxs, int n_ctx, 
     double *want = xmalloc(nq * qd * sizeof(double));
     assert_true(th_attend_double(&g, theta, nq, Q, q_pos, c->q_rotated, T, Kd, Vd, pos, want));
 
-    for (int ic = 0; ic < n_ctx; ic++) {
-        cvq_cache_params cp = cvq_cache_default_params();
-        cp.window = c->window;
-        cp.sinks = c->sinks;
-        cvq_cache *cache = NULL;
-        if (cvq_cache_create(ctxs[ic], cb, &cp, &cache) != CVQ_OK) {
-            fail_msg("%s: cvq_cache_create: %s", c->name, cvq_last_error());
+    const attn_data ad = {c, &g, cb, K, V, Q, pos, q_pos, want, n_sink, n_comp, n_win};
+    for (size_t bi = 0; bi < g_bk.n; bi++) {
+        th_backend *b = &g_bk.b[bi];
+        if (b->ctx == g_bk.ref && !with_ref) {
+            continue;
         }
-        /* append in three uneven chunks, so blocks form across calls */
-        const uint32_t cut1 = T / 3, cut2 = T - T / 4;
-        const uint32_t cuts[4] = {0, cut1, cut2, T};
-        for (int ch = 0; ch < 3; ch++) {
-            const uint32_t a0 = cuts[ch], n = cuts[ch + 1] - a0;
-            if (n == 0) continue;
-            if (cvq_cache_append(cache, K + a0 * kvd, V + a0 * kvd, CVQ_F32, pos + a0, n) !=
-                CVQ_OK) {
-                fail_msg("%s: cvq_cache_append: %s", c->name, cvq_last_error());
-            }
-        }
-        cvq_cache_stats stats;
-        assert_int_equal(cvq_cache_stats_get(cache, &stats), CVQ_OK);
-        if (stats.n_sink != n_sink || stats.n_compressed != n_comp || stats.n_window != n_win ||
-            stats.n_tokens != T) {
-            fail_msg("%s: cache holds %llu sinks / %llu compressed / %llu window, expected %zu / "
-                     "%zu / %zu",
-                     c->name, (unsigned long long)stats.n_sink,
-                     (unsigned long long)stats.n_compressed, (unsigned long long)stats.n_window,
-                     n_sink, n_comp, n_win);
-        }
-        float *out = th_guard_alloc(nq * qd * sizeof(float));
-        assert_non_null(out);
-        cvq_status st = cvq_cache_attend(cache, Q, q_pos, nq,
-                                         c->q_rotated ? CVQ_ATTEND_QUERIES_ROTATED : 0u, out);
-        if (st != CVQ_OK) {
-            fail_msg("%s: cvq_cache_attend: %s", c->name, cvq_last_error());
-        }
-        if (!th_guard_ok(out)) {
-            fail_msg("%s: cvq_cache_attend wrote outside its output", c->name);
-        }
-        const th_err e = th_cmp_f32_f64(out, want, nq * qd);
-        const double tol = attn_tol(&g, T);
-        if (!(e.norm_err <= tol)) {
-            fail_msg("%s (ctx %d): attention error %.3g > %.2g (max abs err %.3g at %zu, max |out| "
-                     "%.3g, NaN %zu)",
-                     c->name, ic, e.norm_err, tol, e.max_abs_err, e.worst, e.max_abs_ref, e.n_nan);
-        }
-        /* rows of queries that see nothing must be exactly zero */
-        for (uint32_t i = 0; i < nq; i++) {
-            if (q_pos[i] >= pos[0]) continue;
-            for (size_t j = 0; j < qd; j++) {
-                if (out[i * qd + j] != 0.0f) {
-                    fail_msg("%s: query %u sees no token but out[%zu] = %g", c->name, i, j,
-                             out[i * qd + j]);
-                }
-            }
-            as->zero_rows++;
-        }
-        if (e.norm_err > as->worst) {
-            as->worst = e.norm_err;
-        }
-        if (e.norm_err / tol > as->worst_ratio) {
-            as->worst_ratio = e.norm_err / tol;
-            snprintf(as->worst_name, sizeof as->worst_name, "%s", c->name);
-        }
-        as->runs++;
-        th_guard_free(out);
-        cvq_cache_free(cache);
+        attend_on_backend(b, &ad, as);
     }
     as->cases++;
     free(K);
@@ -1152,35 +1246,51 @@ static const th_case attn_grid[] = {
 
 static void test_attention_grid(void **state) {
     (void)state;
-    cvq_context *ctxs[2] = {make_ctx(1), make_ctx(0)};
+    th_tally_reset(&g_bk);
     attn_stats as;
     memset(&as, 0, sizeof as);
     for (size_t i = 0; i < sizeof attn_grid / sizeof attn_grid[0]; i++) {
         th_case c = attn_grid[i];
-        run_attention_case(&c, ctxs, 2, &as);
+        run_attention_case(&c, g_bk.ref, 1, &as);
     }
-    printf("[conformance e] attention: %zu cases x 2 CPU contexts (reference, default), max "
-           "norm error %.2e, max error/tolerance %.3f in %s; %zu all-masked query rows "
-           "exactly zero\n",
-           as.cases, as.worst, as.worst_ratio, as.worst_name, as.zero_rows);
-    cvq_context_free(ctxs[0]);
-    cvq_context_free(ctxs[1]);
+    if (as.runs == 0) {
+        printf("[conformance e] attention: %zu cases, no (case, backend) run; backends "
+               "run/skipped: %s\n",
+               sizeof attn_grid / sizeof attn_grid[0], tally(0));
+    } else {
+        printf("[conformance e] attention: %zu cases, %zu (case, backend) runs, max norm error "
+               "%.2e, max error/tolerance %.3f in %s; %zu all-masked query rows exactly zero; "
+               "backends run/skipped [worst error/tolerance]: %s\n",
+               sizeof attn_grid / sizeof attn_grid[0], as.runs, as.worst, as.worst_ratio,
+               as.worst_name, as.zero_rows, tally(1));
+    }
+    th_tally_print_skips(&g_bk, "[conformance e]");
 }
 
 /* One full LLaMA-3.1-8B layer at 1 bit: Hq=32, Hkv=8, d=128, R=11, Nc=1024,
- * F=1024 (I = 2048), 300 tokens, W=16, S=4, 4 queries at 131072+. */
+ * F=1024 (I = 2048), 300 tokens, W=16, S=4, 4 queries at 131072+.
+ * It runs on every backend but cpu-ref: the reference is what the others are
+ * held to, its attention is covered by the grid, and at this size its plain
+ * kernels would double the section's time. */
 static void test_attention_llama(void **state) {
     (void)state;
-    cvq_context *ctxs[1] = {make_ctx(0)};
+    th_tally_reset(&g_bk);
     attn_stats as;
     memset(&as, 0, sizeof as);
     th_case c = {.op = "attend", .d = 128, .hq = 32, .hkv = 8, .R = 11, .Nc = 1024, .F = 1024,
                  .layout = CVQ_PAIRS_ROTATE_HALF, .scale = CVQ_KEY_SCALE_TOKEN, .n_q = 4,
                  .window = 16, .sinks = 4, .offset = 131072, .T = 300};
-    run_attention_case(&c, ctxs, 1, &as);
-    printf("[conformance e] LLaMA-3.1-8B layer smoke: %s norm error %.2e (%.3f of tolerance)\n",
-           c.name, as.worst, as.worst_ratio);
-    cvq_context_free(ctxs[0]);
+    run_attention_case(&c, g_bk.cpu, 0, &as);
+    if (as.runs == 0) {
+        printf("[conformance e] LLaMA-3.1-8B layer smoke: %s not run (it leaves cpu-ref out and "
+               "no other backend is under test); backends run/skipped: %s\n",
+               c.name, tally(0));
+    } else {
+        printf("[conformance e] LLaMA-3.1-8B layer smoke: %s max norm error %.2e (%.3f of "
+               "tolerance); backends run/skipped [error/tolerance] (cpu-ref left out): %s\n",
+               c.name, as.worst, as.worst_ratio, tally(1));
+    }
+    th_tally_print_skips(&g_bk, "[conformance e]");
 }
 
 /* ---- (f) stress inputs ------------------------------------------------------------ */
@@ -1258,11 +1368,108 @@ static void test_stress_near_ties(void **state) {
 }
 
 /* Magnitudes: subnormal components, tiny, huge; zero vectors. */
+
+/* One token through cvq_encode_keys on a backend into guarded outputs:
+ * false when the backend does not support it (a skip). */
+static bool mag_encode(th_backend *b, const th_case *c, const cvq_codebook *cb, const float *k,
+                       uint16_t *codes, float *sc) {
+    const cvq_status st = cvq_encode_keys(b->ctx, cb, 0, k, CVQ_F32, 1, codes, sc);
+    if (!th_guard_ok(codes) || !th_guard_ok(sc)) {
+        fail_msg("%s [%s]: cvq_encode_keys wrote outside its outputs", c->name, b->name);
+    }
+    return backend_ok(b, c->name, "cvq_encode_keys", st);
+}
+
+/* The public-API magnitude checks on one backend (mode 1: head scales).
+ * base: a normal token and its reference codes/scales; k_sub, k_tiny: the
+ * subnormal-component and all-subnormal-squares tokens (codes must equal the
+ * reference kernel's bit for bit). */
+static void magnitudes_on_backend(th_backend *b, const th_case *c, const cvq_codebook *cb,
+                                  const cvq_layer_view *lv, int mode, const float *base,
+                                  const uint16_t *codes_base, const float *sc_base,
+                                  const float *k_sub, const float *k_tiny) {
+    const size_t kvd = 192, R = 3, ns = mode ? 3 : 1;
+    uint16_t *codes = th_guard_alloc(9 * sizeof(uint16_t));
+    float *sc = th_guard_alloc(3 * sizeof(float));
+    float *kdec = th_guard_alloc(kvd * sizeof(float));
+    assert_true(codes && sc && kdec);
+    float k[192];
+    bool supported = false;
+    /* 1. exact power-of-two rescalings 2^-60 .. 2^60 (tiny 8.7e-19 to huge
+     * 1.2e18, squares stay normal): x = k/s is bitwise the same, so the
+     * codes are the same */
+    const int exps[] = {-60, -30, 30, 60};
+    for (size_t e = 0; e < 4; e++) {
+        for (size_t j = 0; j < kvd; j++) k[j] = ldexpf(base[j], exps[e]);
+        if (!mag_encode(b, c, cb, k, codes, sc)) goto done;
+        if (memcmp(codes, codes_base, 9 * sizeof(uint16_t)) != 0) {
+            fail_msg("%s [%s]: codes change under scaling by 2^%d", c->name, b->name, exps[e]);
+        }
+        for (size_t s = 0; s < ns; s++) assert_true(sc[s] == ldexpf(sc_base[s], exps[e]));
+    }
+    /* 2. subnormal inputs: bit-exact with the reference kernel (a backend
+     * that flushes subnormals to zero differs here) */
+    const float *const subs[2] = {k_sub, k_tiny};
+    for (int i = 0; i < 2; i++) {
+        uint16_t want_c[9];
+        float want_s[3];
+        cvq_ref_encode_key_token(lv, subs[i], want_c, want_s);
+        if (!mag_encode(b, c, cb, subs[i], codes, sc)) goto done;
+        if (memcmp(codes, want_c, 9 * sizeof(uint16_t)) != 0 ||
+            memcmp(sc, want_s, ns * sizeof(float)) != 0) {
+            fail_msg("%s [%s]: %s input: codes/scales differ from the reference", c->name,
+                     b->name, i ? "all-subnormal-squares" : "subnormal-component");
+        }
+    }
+    /* 3. squares that all underflow (1e-30 -> 1e-60 -> 0): scale 0, codes 0,
+     * decode gives zeros */
+    for (size_t j = 0; j < kvd; j++) k[j] = (float)(1e-30 * (j % 2 ? 1 : -1));
+    if (!mag_encode(b, c, cb, k, codes, sc)) goto done;
+    for (size_t s = 0; s < ns; s++) assert_true(sc[s] == 0.0f);
+    for (size_t i = 0; i < 9; i++) assert_int_equal(codes[i], 0);
+    assert_int_equal(cvq_decode_keys(b->ctx, cb, 0, codes, sc, 1, kdec), CVQ_OK);
+    assert_true(th_guard_ok(kdec));
+    for (size_t j = 0; j < kvd; j++) assert_true(kdec[j] == 0.0f);
+    /* 4. zero vector; in head mode also one zero head among normal ones */
+    memset(k, 0, sizeof k);
+    if (!mag_encode(b, c, cb, k, codes, sc)) goto done;
+    for (size_t s = 0; s < ns; s++) assert_true(sc[s] == 0.0f);
+    for (size_t i = 0; i < 9; i++) assert_int_equal(codes[i], 0);
+    if (mode) {
+        memcpy(k, base, sizeof k);
+        memset(k + 64, 0, 64 * sizeof(float)); /* head 1 zero */
+        if (!mag_encode(b, c, cb, k, codes, sc)) goto done;
+        assert_true(sc[1] == 0.0f && sc[0] == sc_base[0] && sc[2] == sc_base[2]);
+        for (size_t r = 0; r < R; r++) {
+            assert_int_equal(codes[3 + r], 0);
+            assert_int_equal(codes[r], codes_base[r]);
+            assert_int_equal(codes[6 + r], codes_base[6 + r]);
+        }
+    }
+    /* 5. huge: 1e30 squares overflow -> CVQ_ERR_INPUT_RANGE, nothing written */
+    for (size_t j = 0; j < kvd; j++) k[j] = 1e30f;
+    uint16_t *gc = th_guard_alloc(9 * sizeof(uint16_t));
+    float *gs = th_guard_alloc(3 * sizeof(float));
+    assert_int_equal(cvq_encode_keys(b->ctx, cb, 0, k, CVQ_F32, 1, gc, gs), CVQ_ERR_INPUT_RANGE);
+    assert_true(th_guard_untouched(gc) && th_guard_untouched(gs));
+    assert_true(th_guard_ok(gc) && th_guard_ok(gs));
+    th_guard_free(gc);
+    th_guard_free(gs);
+    supported = true;
+done:
+    if (supported) {
+        th_tally_run(b);
+    }
+    th_guard_free(codes);
+    th_guard_free(sc);
+    th_guard_free(kdec);
+}
+
 static void test_stress_magnitudes(void **state) {
     (void)state;
     th_case c = {.op = "magnitudes", .d = 64, .hq = 3, .hkv = 3, .R = 3, .Nc = 64, .F = 64,
                  .layout = CVQ_PAIRS_ROTATE_HALF, .scale = CVQ_KEY_SCALE_TOKEN, .T = 1};
-    cvq_context *ctx = make_ctx(1);
+    th_tally_reset(&g_bk);
     size_t excused = 0, stages = 0, checked = 0;
     for (int mode = 0; mode < 2; mode++) {
         c.scale = mode ? CVQ_KEY_SCALE_HEAD : CVQ_KEY_SCALE_TOKEN;
@@ -1273,97 +1480,66 @@ static void test_stress_magnitudes(void **state) {
         layer_view(&c, cb, &lv);
         th_rng rng;
         th_rng_seed(&rng, c.seed);
-        const size_t kvd = 192, R = 3, ns = mode ? 3 : 1;
+        const size_t kvd = 192, ns = mode ? 3 : 1;
         double *dist = xmalloc(4096 * sizeof(double));
         key_stats ks;
         memset(&ks, 0, sizeof ks);
-        float base[192], k[192];
+        float base[192], k[192], k_sub[192], k_tiny[192];
         uint16_t codes_base[9], codes[9];
         float sc_base[3], sc[3];
         th_fill_normal(&rng, base, kvd, 1.0);
         cvq_ref_encode_key_token(&lv, base, codes_base, sc_base);
 
-        /* 1. exact power-of-two rescalings 2^-60 .. 2^60 (tiny 8.7e-19 to huge
-         * 1.2e18, squares stay normal): x = k/s is bitwise the same, so the
-         * codes are the same */
+        /* The reference kernels against the brute force (the public API
+         * on every backend follows in magnitudes_on_backend). */
+        /* 1. exact power-of-two rescalings 2^-60 .. 2^60 */
         const int exps[] = {-60, -30, 30, 60};
         for (size_t e = 0; e < 4; e++) {
             for (size_t j = 0; j < kvd; j++) k[j] = ldexpf(base[j], exps[e]);
-            CHECK_OK(c.name, cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, codes, sc));
-            if (memcmp(codes, codes_base, sizeof codes) != 0) {
-                fail_msg("%s: codes change under scaling by 2^%d", c.name, exps[e]);
-            }
-            for (size_t s = 0; s < ns; s++) assert_true(sc[s] == ldexpf(sc_base[s], exps[e]));
             check_token(&c, &lv, k, dist, &ks, NULL, 0);
         }
         /* 2. subnormal components: half the dims at 1e-39..1e-44 (subnormal
          * inputs, squares underflow), the rest normal; and a vector whose
          * squares are all subnormal (1e-21: squares ~1e-42, sum > 0) */
         for (size_t j = 0; j < kvd; j++) {
-            k[j] = (j % 2) ? base[j] : (float)(base[j] * 1e-39 * pow(10.0, -(double)(j % 6)));
+            k_sub[j] = (j % 2) ? base[j] : (float)(base[j] * 1e-39 * pow(10.0, -(double)(j % 6)));
         }
-        check_token(&c, &lv, k, dist, &ks, NULL, 0);
-        for (size_t j = 0; j < kvd; j++) k[j] = base[j] * 1e-21f;
-        check_token(&c, &lv, k, dist, &ks, NULL, 0);
-        cvq_ref_encode_key_token(&lv, k, codes, sc);
+        check_token(&c, &lv, k_sub, dist, &ks, NULL, 0);
+        for (size_t j = 0; j < kvd; j++) k_tiny[j] = base[j] * 1e-21f;
+        check_token(&c, &lv, k_tiny, dist, &ks, NULL, 0);
+        cvq_ref_encode_key_token(&lv, k_tiny, codes, sc);
         for (size_t s = 0; s < ns; s++) assert_true(sc[s] > 0.0f);
-        /* 3. squares that all underflow (1e-30 -> 1e-60 -> 0): scale 0, codes 0,
-         * decode gives zeros */
-        for (size_t j = 0; j < kvd; j++) k[j] = (float)(1e-30 * (j % 2 ? 1 : -1));
-        CHECK_OK(c.name, cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, codes, sc));
-        for (size_t s = 0; s < ns; s++) assert_true(sc[s] == 0.0f);
-        for (size_t i = 0; i < 9; i++) assert_int_equal(codes[i], 0);
-        float kdec[192];
-        assert_int_equal(cvq_decode_keys(ctx, cb, 0, codes, sc, 1, kdec), CVQ_OK);
-        for (size_t j = 0; j < kvd; j++) assert_true(kdec[j] == 0.0f);
-        /* 4. zero vector; in head mode also one zero head among normal ones */
-        memset(k, 0, sizeof k);
-        CHECK_OK(c.name, cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, codes, sc));
-        for (size_t s = 0; s < ns; s++) assert_true(sc[s] == 0.0f);
-        for (size_t i = 0; i < 9; i++) assert_int_equal(codes[i], 0);
+        /* 4. one zero head among normal ones (head mode) */
         if (mode) {
             memcpy(k, base, sizeof k);
             memset(k + 64, 0, 64 * sizeof(float)); /* head 1 zero */
-            CHECK_OK(c.name, cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, codes, sc));
-            assert_true(sc[1] == 0.0f && sc[0] == sc_base[0] && sc[2] == sc_base[2]);
-            for (size_t r = 0; r < R; r++) {
-                assert_int_equal(codes[3 + r], 0);
-                assert_int_equal(codes[r], codes_base[r]);
-                assert_int_equal(codes[6 + r], codes_base[6 + r]);
-            }
             check_token(&c, &lv, k, dist, &ks, NULL, 0);
         }
-        /* 5. huge: 1e30 squares overflow -> CVQ_ERR_INPUT_RANGE, nothing written */
-        for (size_t j = 0; j < kvd; j++) k[j] = 1e30f;
-        uint16_t *gc = th_guard_alloc(sizeof codes);
-        float *gs = th_guard_alloc(sizeof sc);
-        assert_int_equal(cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, gc, gs), CVQ_ERR_INPUT_RANGE);
-        assert_true(th_guard_untouched(gc) && th_guard_untouched(gs));
-        assert_true(th_guard_ok(gc) && th_guard_ok(gs));
-        th_guard_free(gc);
-        th_guard_free(gs);
+        for (size_t bi = 0; bi < g_bk.n; bi++) {
+            magnitudes_on_backend(&g_bk.b[bi], &c, cb, &lv, mode, base, codes_base, sc_base,
+                                  k_sub, k_tiny);
+        }
         excused += ks.excused;
         stages += ks.stages;
         checked++;
         free(dist);
         cvq_codebook_free(cb);
     }
-    cvq_context_free(ctx);
     printf("[conformance f] magnitudes (2^+-60 rescaling, subnormal, all-underflow, zero, zero "
-           "head, 1e30 overflow): %zu geometries, %zu stages vs brute force, %zu excused\n",
-           checked, stages, excused);
+           "head, 1e30 overflow): %zu geometries, %zu stages vs brute force, %zu excused; "
+           "backends run/skipped: %s\n",
+           checked, stages, excused, tally(0));
+    th_tally_print_skips(&g_bk, "[conformance f]");
 }
 
 /* Non-finite input and bad arguments: the right status, nothing written. */
-static void test_stress_rejections(void **state) {
-    (void)state;
-    th_case c = {.op = "reject", .d = 64, .hq = 4, .hkv = 2, .R = 3, .Nc = 64, .F = 64,
-                 .layout = CVQ_PAIRS_INTERLEAVED, .scale = CVQ_KEY_SCALE_TOKEN, .n_q = 2,
-                 .window = 4, .T = 10};
-    cvq_geometry g;
-    double theta[128];
-    cvq_codebook *cb = case_codebook(&c, &g, theta);
-    cvq_context *ctx = make_ctx(0);
+/* The rejection checks on one backend. A bad call answered
+ * CVQ_ERR_UNSUPPORTED (the core asks the backend before it reads the data)
+ * is a skip of that call; *n_checked counts the rest. */
+static void rejections_on_backend(th_backend *b, const th_case *case_in, const cvq_codebook *cb,
+                                  size_t *n_checked) {
+    const th_case c = *case_in;
+    cvq_context *ctx = b->ctx;
     th_rng rng;
     th_rng_seed(&rng, c.seed);
     const size_t T = c.T, kvd = 128, R = 3, groups = 2, vbytes = groups * 8, qd = 4 * 64;
@@ -1380,15 +1556,21 @@ static void test_stress_rejections(void **state) {
 #define EXPECT_REJECT(call, status)                                                            \
     do {                                                                                       \
         cvq_status st_ = (call);                                                               \
-        if (st_ != (status)) {                                                                 \
-            fail_msg("%s: %s returned %s, expected %s", c.name, #call, cvq_status_name(st_),   \
-                     cvq_status_name(status));                                                 \
+        if (st_ == CVQ_ERR_UNSUPPORTED && (status) != CVQ_ERR_UNSUPPORTED) {                   \
+            th_tally_skip(b, c.name, #call, st_, cvq_last_error());                            \
+        } else {                                                                               \
+            if (st_ != (status)) {                                                             \
+                fail_msg("%s [%s]: %s returned %s, expected %s", c.name, b->name, #call,       \
+                         cvq_status_name(st_), cvq_status_name(status));                       \
+            }                                                                                  \
+            n_rejections++;                                                                    \
         }                                                                                      \
         if (!th_guard_untouched(codes) || !th_guard_untouched(scales) ||                       \
-            !th_guard_untouched(bits) || !th_guard_untouched(sigma)) {                         \
-            fail_msg("%s: %s wrote to its outputs although it failed", c.name, #call);         \
+            !th_guard_untouched(bits) || !th_guard_untouched(sigma) || !th_guard_ok(codes) ||  \
+            !th_guard_ok(scales) || !th_guard_ok(bits) || !th_guard_ok(sigma)) {               \
+            fail_msg("%s [%s]: %s wrote to its outputs although it failed", c.name, b->name,   \
+                     #call);                                                                   \
         }                                                                                      \
-        n_rejections++;                                                                        \
     } while (0)
 
     /* NaN / Inf anywhere (last token, last element too) */
@@ -1445,15 +1627,24 @@ static void test_stress_rejections(void **state) {
     cvq_cache_params cp = cvq_cache_default_params();
     cp.window = c.window;
     cvq_cache *cache = NULL;
-    assert_int_equal(cvq_cache_create(ctx, cb, &cp, &cache), CVQ_OK);
     int32_t pos[10];
     for (int i = 0; i < 10; i++) pos[i] = 3 * i;
-    assert_int_equal(cvq_cache_append(cache, K, V, CVQ_F32, pos, 7), CVQ_OK);
     cvq_cache_stats s0, s1;
-    assert_int_equal(cvq_cache_stats_get(cache, &s0), CVQ_OK);
     int32_t q_pos[2] = {100, 200};
-    float *out0 = xmalloc(2 * qd * sizeof(float)), *out1 = xmalloc(2 * qd * sizeof(float));
-    assert_int_equal(cvq_cache_attend(cache, Q, q_pos, 2, 0, out0), CVQ_OK);
+    float *out0 = th_guard_alloc(2 * qd * sizeof(float)), *out1 = th_guard_alloc(2 * qd * sizeof(float));
+    float *gout = th_guard_alloc(2 * qd * sizeof(float));
+    assert_true(out0 && out1 && gout);
+    /* a backend without the cache's kernels skips this part */
+    if (!backend_ok(b, c.name, "cvq_cache_create", cvq_cache_create(ctx, cb, &cp, &cache)) ||
+        !backend_ok(b, c.name, "cvq_cache_append", cvq_cache_append(cache, K, V, CVQ_F32, pos, 7))) {
+        goto cache_done;
+    }
+    assert_int_equal(cvq_cache_stats_get(cache, &s0), CVQ_OK);
+    const cvq_status st0 = cvq_cache_attend(cache, Q, q_pos, 2, 0, out0);
+    assert_true(th_guard_ok(out0));
+    if (!backend_ok(b, c.name, "cvq_cache_attend", st0)) {
+        goto cache_done;
+    }
     /* NaN in the values of the last appended token */
     V[9 * kvd + 3] = NAN;
     assert_int_equal(cvq_cache_append(cache, K + 7 * kvd, V + 7 * kvd, CVQ_F32, pos + 7, 3),
@@ -1475,9 +1666,9 @@ static void test_stress_rejections(void **state) {
     assert_int_equal(cvq_cache_stats_get(cache, &s1), CVQ_OK);
     assert_memory_equal(&s0, &s1, sizeof s0);
     assert_int_equal(cvq_cache_attend(cache, Q, q_pos, 2, 0, out1), CVQ_OK);
+    assert_true(th_guard_ok(out1));
     assert_memory_equal(out0, out1, 2 * qd * sizeof(float));
     /* attend with a NaN query / unknown flag: error, output untouched */
-    float *gout = th_guard_alloc(2 * qd * sizeof(float));
     Q[qd + 5] = NAN;
     assert_int_equal(cvq_cache_attend(cache, Q, q_pos, 2, 0, gout), CVQ_ERR_NONFINITE_INPUT);
     Q[qd + 5] = 0.25f;
@@ -1490,9 +1681,10 @@ static void test_stress_rejections(void **state) {
     assert_int_equal(cvq_cache_stats_get(cache, &s1), CVQ_OK);
     assert_int_equal(s1.n_tokens, 10);
 
+cache_done:
     th_guard_free(gout);
-    free(out0);
-    free(out1);
+    th_guard_free(out0);
+    th_guard_free(out1);
     cvq_cache_free(cache);
     th_guard_free(codes);
     th_guard_free(scales);
@@ -1500,13 +1692,30 @@ static void test_stress_rejections(void **state) {
     th_guard_free(sigma);
     free(K);
     free(V);
-    cvq_context_free(ctx);
+    b->n_run += n_rejections;
+    *n_checked += n_rejections;
+#undef EXPECT_REJECT
+}
+
+static void test_stress_rejections(void **state) {
+    (void)state;
+    th_case c = {.op = "reject", .d = 64, .hq = 4, .hkv = 2, .R = 3, .Nc = 64, .F = 64,
+                 .layout = CVQ_PAIRS_INTERLEAVED, .scale = CVQ_KEY_SCALE_TOKEN, .n_q = 2,
+                 .window = 4, .T = 10};
+    cvq_geometry g;
+    double theta[128];
+    cvq_codebook *cb = case_codebook(&c, &g, theta);
+    th_tally_reset(&g_bk);
+    size_t n_rejections = 0;
+    for (size_t bi = 0; bi < g_bk.n; bi++) {
+        rejections_on_backend(&g_bk.b[bi], &c, cb, &n_rejections);
+    }
     cvq_codebook_free(cb);
     printf("[conformance f] rejections: %zu bad calls (NaN/Inf in f32/f16/bf16, layer, NULL, "
            "dtype, size overflow, code >= 4096, positions, overflow) refused with nothing "
-           "written; cache state unchanged\n",
-           n_rejections);
-#undef EXPECT_REJECT
+           "written; cache state unchanged; backends bad calls checked/skipped: %s\n",
+           n_rejections, tally(0));
+    th_tally_print_skips(&g_bk, "[conformance f]");
 }
 
 /* An allocator that can be told to fail, and counts live blocks. */
@@ -1647,5 +1856,11 @@ int main(void) {
     if (filter && *filter) {
         cmocka_set_test_filter(filter);
     }
-    return cmocka_run_group_tests_name("conformance", tests, NULL, NULL);
+    /* The backends under test, once for the run (COMMVQ_TEST_BACKENDS). */
+    if (!th_backends_open(&g_bk)) {
+        return 1;
+    }
+    const int failed = cmocka_run_group_tests_name("conformance", tests, NULL, NULL);
+    th_backends_close(&g_bk);
+    return failed;
 }

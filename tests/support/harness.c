@@ -581,3 +581,375 @@ bool th_attend_double(const cvq_geometry *g, const double *theta, size_t n_q, co
     free(qr);
     return true;
 }
+
+/* ---- backends under test ------------------------------------------------------------------ */
+
+#define TH_MAX_TOKENS 16
+
+/* COMMVQ_TEST_BACKENDS split at commas, blanks trimmed, lower case. */
+typedef struct th_filter {
+    char tok[TH_MAX_TOKENS][32];
+    int used[TH_MAX_TOKENS];  /* selected something, or named a backend we looked at */
+    size_t n;
+} th_filter;
+
+static int ascii_lower(int c) {
+    return (c >= 'A' && c <= 'Z') ? c - 'A' + 'a' : c;
+}
+
+/* A token is a context name or a GPU backend name: cpu-ref, cpu, cuda,
+ * vulkan, cuda:N, vulkan:N (N decimal). */
+static bool token_valid(const char *t) {
+    if (!strcmp(t, "cpu-ref") || !strcmp(t, "cpu") || !strcmp(t, "cuda") || !strcmp(t, "vulkan")) {
+        return true;
+    }
+    const char *digits = NULL;
+    if (!strncmp(t, "cuda:", 5)) {
+        digits = t + 5;
+    } else if (!strncmp(t, "vulkan:", 7)) {
+        digits = t + 7;
+    }
+    if (!digits || !*digits || strlen(digits) > 6) {
+        return false;
+    }
+    for (; *digits; digits++) {
+        if (*digits < '0' || *digits > '9') {
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool filter_parse(const char *env, th_filter *f) {
+    memset(f, 0, sizeof *f);
+    const char *p = env;
+    while (*p) {
+        while (*p == ' ' || *p == '\t' || *p == ',') {
+            p++;
+        }
+        if (!*p) {
+            break;
+        }
+        const char *end = p;
+        while (*end && *end != ',') {
+            end++;
+        }
+        size_t len = (size_t)(end - p);
+        while (len && (p[len - 1] == ' ' || p[len - 1] == '\t')) {
+            len--;
+        }
+        if (f->n == TH_MAX_TOKENS || len >= sizeof f->tok[0]) {
+            printf("[conformance] COMMVQ_TEST_BACKENDS='%s': too many or too long names\n", env);
+            return false;
+        }
+        for (size_t i = 0; i < len; i++) {
+            f->tok[f->n][i] = (char)ascii_lower((unsigned char)p[i]);
+        }
+        f->tok[f->n][len] = '\0';
+        if (!token_valid(f->tok[f->n])) {
+            printf("[conformance] COMMVQ_TEST_BACKENDS='%s': '%s' is not one of cpu-ref, cpu, "
+                   "cuda, vulkan, cuda:N, vulkan:N\n",
+                   env, f->tok[f->n]);
+            return false;
+        }
+        f->n++;
+        p = end;
+    }
+    return true;
+}
+
+/* Whether context `name` (of GPU backend `kind_name`, or NULL for the CPU
+ * contexts) is selected: no filter, its own name, or its backend's name. */
+static bool filter_selects(th_filter *f, const char *name, const char *kind_name) {
+    if (f->n == 0) {
+        return true;
+    }
+    bool hit = false;
+    for (size_t i = 0; i < f->n; i++) {
+        if (!strcmp(f->tok[i], name) || (kind_name && !strcmp(f->tok[i], kind_name))) {
+            f->used[i] = 1;
+            hit = true;
+        }
+    }
+    return hit;
+}
+
+/* Whether any token names GPU backend `kind_name` or one of its devices.
+ * mark: 1 marks the token naming the backend itself as looked at, 2 also
+ * its device tokens (the backend is absent: its skip line covers them). */
+static bool filter_mentions(th_filter *f, const char *kind_name, int mark) {
+    if (f->n == 0) {
+        return true;
+    }
+    const size_t kl = strlen(kind_name);
+    bool hit = false;
+    for (size_t i = 0; i < f->n; i++) {
+        if (!strncmp(f->tok[i], kind_name, kl) && (f->tok[i][kl] == '\0' || f->tok[i][kl] == ':')) {
+            hit = true;
+            if (mark == 2 || (mark == 1 && f->tok[i][kl] == '\0')) {
+                f->used[i] = 1;
+            }
+        }
+    }
+    return hit;
+}
+
+static const char *device_type_name(cvq_device_type t) {
+    switch (t) {
+    case CVQ_DEVICE_CPU: return "cpu";
+    case CVQ_DEVICE_DISCRETE_GPU: return "discrete GPU";
+    case CVQ_DEVICE_INTEGRATED_GPU: return "integrated GPU";
+    case CVQ_DEVICE_VIRTUAL_GPU: return "virtual GPU";
+    case CVQ_DEVICE_SOFTWARE: return "software";
+    case CVQ_DEVICE_OTHER:
+    default: return "other";
+    }
+}
+
+/* "STATUS: message", without repeating the status when the library's
+ * message already starts with its name. */
+static const char *status_msg(cvq_status st, const char *msg, char *buf, size_t size) {
+    const char *name = cvq_status_name(st);
+    if (!msg) {
+        msg = "";
+    }
+    if (!strncmp(msg, name, strlen(name))) {
+        snprintf(buf, size, "%s", msg);
+    } else {
+        snprintf(buf, size, "%s: %s", name, msg);
+    }
+    return buf;
+}
+
+/* CPU context on device 0, named explicitly so that a COMMVQ_DEVICE meant
+ * for a GPU does not reach it. */
+static cvq_context *cpu_context(int reference) {
+    cvq_context_params cp = cvq_context_default_params();
+    cp.backend = CVQ_BACKEND_CPU;
+    cp.device = 0;
+    cp.cpu_reference = reference;
+    cvq_context *ctx = NULL;
+    const cvq_status st = cvq_context_create(&cp, &ctx);
+    if (st != CVQ_OK) {
+        char why[600];
+        printf("[conformance] cannot create the CPU%s context: %s\n", reference ? " reference" : "",
+               status_msg(st, cvq_last_error(), why, sizeof why));
+        return NULL;
+    }
+    return ctx;
+}
+
+static th_backend *add_backend(th_backends *bs, const char *name, cvq_backend_kind kind, int index,
+                               cvq_context *ctx, const char *device) {
+    th_backend *b = &bs->b[bs->n++];
+    memset(b, 0, sizeof *b);
+    snprintf(b->name, sizeof b->name, "%s", name);
+    snprintf(b->device, sizeof b->device, "%s", device);
+    b->kind = kind;
+    b->device_index = index;
+    b->ctx = ctx;
+    return b;
+}
+
+/* Every device of GPU backend `kind` that can be opened joins the list. */
+static void add_gpu_backend(th_backends *bs, th_filter *f, cvq_backend_kind kind) {
+    const char *kname = cvq_backend_name(kind);
+    if (!filter_mentions(f, kname, 1)) {
+        printf("[conformance] skip %s: not selected by COMMVQ_TEST_BACKENDS=%s\n", kname, bs->filter);
+        return;
+    }
+    cvq_status st = cvq_backend_available(kind);
+    if (st != CVQ_OK) {
+        char why[600];
+        printf("[conformance] skip %s: %s\n", kname, status_msg(st, cvq_last_error(), why, sizeof why));
+        (void)filter_mentions(f, kname, 2);
+        return;
+    }
+    size_t count = 0;
+    st = cvq_list_devices(NULL, 0, &count);
+    cvq_device_info *devs = count ? calloc(count, sizeof *devs) : NULL;
+    if (st == CVQ_OK && count) {
+        st = devs ? cvq_list_devices(devs, count, &count) : CVQ_ERR_OUT_OF_MEMORY;
+    }
+    if (st != CVQ_OK) {
+        char why[600];
+        printf("[conformance] skip %s: cvq_list_devices: %s\n", kname,
+               status_msg(st, cvq_last_error(), why, sizeof why));
+        free(devs);
+        return;
+    }
+    size_t seen = 0;
+    for (size_t i = 0; i < count; i++) {
+        const cvq_device_info *di = &devs[i];
+        if (di->backend != kind) {
+            continue;
+        }
+        seen++;
+        char name[24], desc[200];
+        snprintf(name, sizeof name, "%s:%u", kname, di->index);
+        snprintf(desc, sizeof desc, "%s, %s%s%s", di->name, device_type_name(di->type),
+                 di->usable ? "" : ", listed as not usable: ", di->usable ? "" : di->note);
+        if (!filter_selects(f, name, kname)) {
+            printf("[conformance] skip %s (%s): not selected by COMMVQ_TEST_BACKENDS=%s\n", name,
+                   desc, bs->filter);
+            continue;
+        }
+        if (bs->n == TH_MAX_BACKENDS) {
+            printf("[conformance] skip %s (%s): more than %d contexts\n", name, desc,
+                   TH_MAX_BACKENDS);
+            continue;
+        }
+        cvq_context_params cp = cvq_context_default_params();
+        cp.backend = kind;
+        cp.device = (int)di->index;
+        cvq_context *ctx = NULL;
+        st = cvq_context_create(&cp, &ctx);
+        if (st != CVQ_OK) {
+            char why[600];
+            printf("[conformance] skip %s (%s): cvq_context_create: %s\n", name, desc,
+                   status_msg(st, cvq_last_error(), why, sizeof why));
+            continue;
+        }
+        add_backend(bs, name, kind, (int)di->index, ctx, desc);
+    }
+    if (seen == 0) {
+        printf("[conformance] skip %s: available, but cvq_list_devices lists none of its devices\n",
+               kname);
+    }
+    free(devs);
+}
+
+bool th_backends_open(th_backends *bs) {
+    memset(bs, 0, sizeof *bs);
+    const char *env = getenv("COMMVQ_TEST_BACKENDS");
+    th_filter f;
+    if (env && strlen(env) >= sizeof bs->filter) {
+        printf("[conformance] COMMVQ_TEST_BACKENDS is longer than %zu characters\n",
+               sizeof bs->filter - 1);
+        return false;
+    }
+    snprintf(bs->filter, sizeof bs->filter, "%s", env ? env : "");
+    if (!filter_parse(bs->filter, &f)) {
+        return false;
+    }
+    bs->ref = cpu_context(1);
+    bs->cpu = bs->ref ? cpu_context(0) : NULL;
+    if (!bs->cpu) {
+        th_backends_close(bs);
+        return false;
+    }
+    cvq_device_info di;
+    char cpu_desc[200] = "cpu";
+    if (cvq_context_device(bs->cpu, &di) == CVQ_OK) {
+        snprintf(cpu_desc, sizeof cpu_desc, "%s", di.name);
+    }
+    char desc[200];
+    if (filter_selects(&f, "cpu-ref", NULL)) {
+        snprintf(desc, sizeof desc, "%s, reference kernels", cpu_desc);
+        add_backend(bs, "cpu-ref", CVQ_BACKEND_CPU, -1, bs->ref, desc);
+    } else {
+        printf("[conformance] skip cpu-ref: not selected by COMMVQ_TEST_BACKENDS=%s\n", bs->filter);
+    }
+    if (filter_selects(&f, "cpu", NULL)) {
+        snprintf(desc, sizeof desc, "%s, default kernels", cpu_desc);
+        add_backend(bs, "cpu", CVQ_BACKEND_CPU, -1, bs->cpu, desc);
+    } else {
+        printf("[conformance] skip cpu: not selected by COMMVQ_TEST_BACKENDS=%s\n", bs->filter);
+    }
+    add_gpu_backend(bs, &f, CVQ_BACKEND_CUDA);
+    add_gpu_backend(bs, &f, CVQ_BACKEND_VULKAN);
+    for (size_t i = 0; i < f.n; i++) {
+        if (!f.used[i]) {
+            printf("[conformance] skip %s: no such device\n", f.tok[i]);
+        }
+    }
+    if (bs->n == 0) {
+        printf("[conformance] no backend under test (COMMVQ_TEST_BACKENDS=%s): only the "
+               "reference kernels are checked against the oracles\n",
+               bs->filter);
+    } else {
+        printf("[conformance] backends under test:");
+        for (size_t i = 0; i < bs->n; i++) {
+            printf("%s %s (%s)", i ? "," : "", bs->b[i].name, bs->b[i].device);
+        }
+        printf("\n");
+    }
+    return true;
+}
+
+void th_backends_close(th_backends *bs) {
+    for (size_t i = 0; i < bs->n; i++) {
+        if (bs->b[i].ctx != bs->ref && bs->b[i].ctx != bs->cpu) {
+            cvq_context_free(bs->b[i].ctx);
+        }
+    }
+    cvq_context_free(bs->ref);
+    cvq_context_free(bs->cpu);
+    memset(bs, 0, sizeof *bs);
+}
+
+void th_tally_reset(th_backends *bs) {
+    for (size_t i = 0; i < bs->n; i++) {
+        bs->b[i].n_run = 0;
+        bs->b[i].n_skip = 0;
+        bs->b[i].worst = 0.0;
+        bs->b[i].first_skip[0] = '\0';
+    }
+}
+
+void th_tally_run(th_backend *b) {
+    b->n_run++;
+}
+
+void th_tally_skip(th_backend *b, const char *case_name, const char *call, cvq_status st,
+                   const char *message) {
+    if (b->n_skip++ == 0) {
+        const int w = snprintf(b->first_skip, sizeof b->first_skip, "%s: %s -> ", case_name, call);
+        if (w >= 0 && (size_t)w < sizeof b->first_skip) {
+            status_msg(st, message, b->first_skip + w, sizeof b->first_skip - (size_t)w);
+        }
+    }
+}
+
+bool th_unsupported(th_backend *b, const char *case_name, const char *call, cvq_status st) {
+    if (st != CVQ_ERR_UNSUPPORTED) {
+        return false;
+    }
+    th_tally_skip(b, case_name, call, st, cvq_last_error());
+    return true;
+}
+
+const char *th_tally_str(const th_backends *bs, int show_worst, char *buf, size_t size) {
+    size_t used = 0;
+    buf[0] = '\0';
+    if (bs->n == 0) {
+        snprintf(buf, size, "none");
+        return buf;
+    }
+    for (size_t i = 0; i < bs->n && used < size; i++) {
+        const th_backend *b = &bs->b[i];
+        int w;
+        if (show_worst) {
+            w = snprintf(buf + used, size - used, "%s%s %zu/%zu [%.3f]", i ? ", " : "", b->name,
+                         b->n_run, b->n_skip, b->worst);
+        } else {
+            w = snprintf(buf + used, size - used, "%s%s %zu/%zu", i ? ", " : "", b->name,
+                         b->n_run, b->n_skip);
+        }
+        if (w < 0) {
+            break;
+        }
+        used += (size_t)w;
+    }
+    return buf;
+}
+
+void th_tally_print_skips(const th_backends *bs, const char *section) {
+    for (size_t i = 0; i < bs->n; i++) {
+        const th_backend *b = &bs->b[i];
+        if (b->n_skip) {
+            printf("%s skipped on %s: %zu (unsupported; first: %s)\n", section, b->name, b->n_skip,
+                   b->first_skip);
+        }
+    }
+}

@@ -25,6 +25,78 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* ---- backends under test ----------------------------------------------------- */
+
+/*
+ * The contexts every conformance case runs on, in the manner of ggml's
+ * test-backend-ops: each one is checked over the same case table against the
+ * same references (the CPU reference kernels, bit for bit, for encoding; the
+ * double oracles, within the stated tolerance, for attention). The list is
+ *   "cpu-ref"   CPU backend, cpu_reference = 1 (the plain reference kernels);
+ *   "cpu"       CPU backend, default kernels;
+ *   "cuda:N", "vulkan:N"  every device cvq_list_devices reports for that
+ *               backend on which cvq_context_create(backend, N) succeeds,
+ *               software devices (lavapipe) included although AUTO never
+ *               picks them.
+ * A backend or device that cannot be tested gets a "[conformance] skip ..."
+ * line with the library's reason. COMMVQ_TEST_BACKENDS (comma list of
+ * cpu-ref, cpu, cuda, vulkan, cuda:N, vulkan:N; case-insensitive) restricts
+ * the list; "cuda"/"vulkan" select every device of that backend.
+ *
+ * An op a backend answers with CVQ_ERR_UNSUPPORTED is a skip for that
+ * (case, backend), counted apart from the cases run: never a pass, never a
+ * failure. Each section resets the tallies and prints them.
+ */
+
+#define TH_MAX_BACKENDS 16
+
+typedef struct th_backend {
+    char name[24];          /* "cpu-ref", "cpu", "cuda:0", "vulkan:1"            */
+    char device[200];       /* device name and type, for the header line         */
+    cvq_backend_kind kind;
+    int device_index;       /* index within its backend; -1 for the CPU contexts */
+    cvq_context *ctx;
+    /* tally of the current section (th_tally_reset) */
+    size_t n_run, n_skip;
+    double worst;           /* a section's own figure (e.g. error / tolerance)   */
+    char first_skip[512];   /* case and reason of the section's first skip       */
+} th_backend;
+
+typedef struct th_backends {
+    th_backend b[TH_MAX_BACKENDS];
+    size_t n;               /* backends under test (may be 0 when filtered)      */
+    /* The CPU contexts, created whatever the filter says: the oracles use
+     * them to produce reference codes (b[] entries named cpu-ref / cpu point
+     * at these, not at copies). */
+    cvq_context *ref;       /* cpu_reference = 1 */
+    cvq_context *cpu;       /* default CPU kernels */
+    char filter[256];       /* COMMVQ_TEST_BACKENDS as read ("" = all) */
+} th_backends;
+
+/* Builds the list and prints it (one header line, one skip line per backend
+ * or device left out, with why). Returns false, with a message printed, when
+ * a CPU context cannot be created or COMMVQ_TEST_BACKENDS holds a name that
+ * is not a backend; then nothing is held. */
+bool th_backends_open(th_backends *bs);
+void th_backends_close(th_backends *bs);
+
+/* Tallies: reset at the start of a section, then one th_tally_run or
+ * th_tally_skip per (case, backend). */
+void th_tally_reset(th_backends *bs);
+void th_tally_run(th_backend *b);
+void th_tally_skip(th_backend *b, const char *case_name, const char *call, cvq_status st,
+                   const char *message);
+/* A status a backend answered for a call that must succeed: true (and the
+ * skip recorded) when it is CVQ_ERR_UNSUPPORTED, false otherwise. */
+bool th_unsupported(th_backend *b, const char *case_name, const char *call, cvq_status st);
+/* "cpu-ref 6/0, cpu 6/0" (cases run / skipped per backend; with
+ * show_worst, each backend's `worst` in brackets); "none" when the list is
+ * empty. Returns buf. */
+const char *th_tally_str(const th_backends *bs, int show_worst, char *buf, size_t size);
+/* One line per backend that skipped something in this section: how many
+ * and the first reason. `section` prefixes the lines. */
+void th_tally_print_skips(const th_backends *bs, const char *section);
+
 /* ---- cases ---------------------------------------------------------------- */
 
 typedef struct th_case {
