@@ -10,7 +10,6 @@
 #include <math.h>
 #include <string.h>
 
-/* Inputs staged, kernel run, outputs read back; every temporary freed. */
 cvq_status cvq_encode_keys(cvq_context *ctx, const cvq_codebook *cb, uint32_t layer,
                            const void *keys, cvq_dtype dtype, size_t n, uint16_t *codes,
                            float *scales) {
@@ -33,22 +32,8 @@ cvq_status cvq_encode_keys(cvq_context *ctx, const cvq_codebook *cb, uint32_t la
     st = cvq__load_keys(ctx, &lv, keys, dtype, n, &kf);
     if (st) return st;
 
-    cvq_staged sk, sc, ss;
-    memset(&sc, 0, sizeof sc);
-    memset(&ss, 0, sizeof ss);
-    st = cvq__stage_in(ctx, kf, n * cvq__kv_dims(g) * sizeof(float), &sk);
-    if (!st) st = cvq__stage_out(ctx, codes, code_bytes, &sc);
-    if (!st) st = cvq__stage_out(ctx, scales, scale_bytes, &ss);
-    if (!st) {
-        cvq_encode_keys_args a = {&lv, cb, n, cvq__staged_view(&sk), cvq__staged_view(&sc),
-                                  cvq__staged_view(&ss)};
-        st = ctx->be->encode_keys(ctx, &a);
-    }
-    if (!st) st = cvq__stage_finish(ctx, &sc, codes, code_bytes);
-    if (!st) st = cvq__stage_finish(ctx, &ss, scales, scale_bytes);
-    cvq__stage_release(ctx, &ss);
-    cvq__stage_release(ctx, &sc);
-    cvq__stage_release(ctx, &sk);
+    st = cvq__run_encode(ctx, CVQ_OP_ENCODE_KEYS, &lv, cb, n, kf, n * cvq__kv_dims(g) * sizeof(float),
+                         codes, code_bytes, scales, scale_bytes);
     cvq__free(&ctx->alloc, kf);
     return st;
 }
@@ -74,22 +59,8 @@ cvq_status cvq_encode_values(cvq_context *ctx, const cvq_codebook *cb, uint32_t 
     st = cvq__load_values(ctx, &lv, values, dtype, n, &vf);
     if (st) return st;
 
-    cvq_staged sv, sb, ss;
-    memset(&sb, 0, sizeof sb);
-    memset(&ss, 0, sizeof ss);
-    st = cvq__stage_in(ctx, vf, n * cvq__kv_dims(g) * sizeof(float), &sv);
-    if (!st) st = cvq__stage_out(ctx, bits, bit_bytes, &sb);
-    if (!st) st = cvq__stage_out(ctx, sigma, sig_bytes, &ss);
-    if (!st) {
-        cvq_encode_values_args a = {&lv, cb, n, cvq__staged_view(&sv), cvq__staged_view(&sb),
-                                    cvq__staged_view(&ss)};
-        st = ctx->be->encode_values(ctx, &a);
-    }
-    if (!st) st = cvq__stage_finish(ctx, &sb, bits, bit_bytes);
-    if (!st) st = cvq__stage_finish(ctx, &ss, sigma, sig_bytes);
-    cvq__stage_release(ctx, &ss);
-    cvq__stage_release(ctx, &sb);
-    cvq__stage_release(ctx, &sv);
+    st = cvq__run_encode(ctx, CVQ_OP_ENCODE_VALUES, &lv, cb, n, vf, n * cvq__kv_dims(g) * sizeof(float),
+                         bits, bit_bytes, sigma, sig_bytes);
     cvq__free(&ctx->alloc, vf);
     return st;
 }

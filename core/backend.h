@@ -162,6 +162,14 @@ cvq_status cvq__load_keys(cvq_context *ctx, const cvq_layer_view *lv, const void
                           cvq_dtype dtype, size_t n, float **out);
 cvq_status cvq__load_values(cvq_context *ctx, const cvq_layer_view *lv, const void *src,
                             cvq_dtype dtype, size_t n, float **out);
+/* Runs an encode op (CVQ_OP_ENCODE_KEYS or CVQ_OP_ENCODE_VALUES) of the
+ * context's backend on n tokens of checked fp32 input `in`, staging the
+ * input and the two outputs (codes/scales, or bits/sigma) through backend
+ * buffers when the backend has its own memory. On failure the outputs are
+ * not written (device backends) or not meaningful (never for the CPU). */
+cvq_status cvq__run_encode(cvq_context *ctx, cvq_op op, const cvq_layer_view *lv,
+                           const cvq_codebook *cb, size_t n, const float *in, size_t in_bytes,
+                           void *out0, size_t bytes0, void *out1, size_t bytes1);
 /* The backend's answer to "can you run this op instance". */
 cvq_status cvq__supports(cvq_context *ctx, cvq_op op, const cvq_geometry *g, size_t n_tokens,
                          size_t n_q);

@@ -217,40 +217,14 @@ static cvq_status block_encode(cvq_cache *c, const cvq_layer_view *lv, block *b)
     if (!b->codes || !b->kscale || !b->vbits || !b->vsigma || !b->packed)
         return CVQ_FAIL(ctx, CVQ_ERR_OUT_OF_MEMORY, "cache block of %zu tokens", nb);
 
-    cvq_staged sk, sc, ss;
-    memset(&sc, 0, sizeof sc);
-    memset(&ss, 0, sizeof ss);
-    cvq_status st = cvq__stage_in(ctx, b->k, nb * c->kvd * sizeof(float), &sk);
-    if (!st) st = cvq__stage_out(ctx, b->codes, nb * H * R * sizeof(uint16_t), &sc);
-    if (!st) st = cvq__stage_out(ctx, b->kscale, nb * c->rl.key_scale_count * sizeof(float), &ss);
-    if (!st) {
-        cvq_encode_keys_args a = {lv, c->cb, nb, cvq__staged_view(&sk), cvq__staged_view(&sc),
-                                  cvq__staged_view(&ss)};
-        st = ctx->be->encode_keys(ctx, &a);
-    }
-    if (!st) st = cvq__stage_finish(ctx, &sc, b->codes, nb * H * R * sizeof(uint16_t));
-    if (!st) st = cvq__stage_finish(ctx, &ss, b->kscale, nb * c->rl.key_scale_count * sizeof(float));
-    cvq__stage_release(ctx, &ss);
-    cvq__stage_release(ctx, &sc);
-    cvq__stage_release(ctx, &sk);
-    if (st) return st;
-
-    cvq_staged sv, sb, sg;
-    memset(&sb, 0, sizeof sb);
-    memset(&sg, 0, sizeof sg);
-    st = cvq__stage_in(ctx, b->v, nb * c->kvd * sizeof(float), &sv);
-    if (!st) st = cvq__stage_out(ctx, b->vbits, nb * c->rl.value_bit_bytes, &sb);
-    if (!st) st = cvq__stage_out(ctx, b->vsigma, nb * c->rl.value_scale_count * sizeof(float), &sg);
-    if (!st) {
-        cvq_encode_values_args a = {lv, c->cb, nb, cvq__staged_view(&sv), cvq__staged_view(&sb),
-                                    cvq__staged_view(&sg)};
-        st = ctx->be->encode_values(ctx, &a);
-    }
-    if (!st) st = cvq__stage_finish(ctx, &sb, b->vbits, nb * c->rl.value_bit_bytes);
-    if (!st) st = cvq__stage_finish(ctx, &sg, b->vsigma, nb * c->rl.value_scale_count * sizeof(float));
-    cvq__stage_release(ctx, &sg);
-    cvq__stage_release(ctx, &sb);
-    cvq__stage_release(ctx, &sv);
+    const size_t in_bytes = nb * c->kvd * sizeof(float);
+    cvq_status st = cvq__run_encode(ctx, CVQ_OP_ENCODE_KEYS, lv, c->cb, nb, b->k, in_bytes, b->codes,
+                                    nb * H * R * sizeof(uint16_t), b->kscale,
+                                    nb * c->rl.key_scale_count * sizeof(float));
+    if (!st)
+        st = cvq__run_encode(ctx, CVQ_OP_ENCODE_VALUES, lv, c->cb, nb, b->v, in_bytes, b->vbits,
+                             nb * c->rl.value_bit_bytes, b->vsigma,
+                             nb * c->rl.value_scale_count * sizeof(float));
     if (st) return st;
 
     /* Key codes in the record are packed at 12 bits, token by token. */

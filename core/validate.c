@@ -1,7 +1,8 @@
 /*
- * Argument checks shared by the public entry points, and staging of caller
- * arrays into backend buffers. The core validates once; backends receive
- * only checked inputs (core/backend.h).
+ * Argument checks shared by the public entry points, staging of caller
+ * arrays into backend buffers, and the one place that runs an encode op.
+ * The core validates once; backends receive only checked inputs
+ * (core/backend.h).
  */
 #include "backend.h"
 #include "reference.h"
@@ -148,4 +149,32 @@ cvq_status cvq__stage_finish(cvq_context *ctx, const cvq_staged *s, void *host, 
 void cvq__stage_release(cvq_context *ctx, cvq_staged *s) {
     if (s->owned) cvq__buffer_free(ctx, &s->buf);
     memset(s, 0, sizeof *s);
+}
+
+cvq_status cvq__run_encode(cvq_context *ctx, cvq_op op, const cvq_layer_view *lv,
+                           const cvq_codebook *cb, size_t n, const float *in, size_t in_bytes,
+                           void *out0, size_t bytes0, void *out1, size_t bytes1) {
+    cvq_staged si, s0, s1;
+    memset(&s0, 0, sizeof s0);
+    memset(&s1, 0, sizeof s1);
+    cvq_status st = cvq__stage_in(ctx, in, in_bytes, &si);
+    if (!st) st = cvq__stage_out(ctx, out0, bytes0, &s0);
+    if (!st) st = cvq__stage_out(ctx, out1, bytes1, &s1);
+    if (!st) {
+        if (op == CVQ_OP_ENCODE_KEYS) {
+            cvq_encode_keys_args a = {lv, cb, n, cvq__staged_view(&si), cvq__staged_view(&s0),
+                                      cvq__staged_view(&s1)};
+            st = ctx->be->encode_keys(ctx, &a);
+        } else {
+            cvq_encode_values_args a = {lv, cb, n, cvq__staged_view(&si), cvq__staged_view(&s0),
+                                        cvq__staged_view(&s1)};
+            st = ctx->be->encode_values(ctx, &a);
+        }
+    }
+    if (!st) st = cvq__stage_finish(ctx, &s0, out0, bytes0);
+    if (!st) st = cvq__stage_finish(ctx, &s1, out1, bytes1);
+    cvq__stage_release(ctx, &s1);
+    cvq__stage_release(ctx, &s0);
+    cvq__stage_release(ctx, &si);
+    return st;
 }
