@@ -448,7 +448,9 @@ typedef struct cvq_cache_stats {
     uint64_t n_sink;          /* full precision sinks */
     uint64_t n_compressed;
     uint64_t n_window;        /* full precision recent tokens */
-    uint64_t bytes_compressed;/* compressed records in use */
+    uint64_t bytes_compressed;/* compressed records in use (docs/format.md);
+                                 their positions (4 B/token) count only in
+                                 bytes_allocated */
     uint64_t bytes_full;      /* sinks + window in use (fp32) */
     uint64_t bytes_allocated; /* everything the cache holds, incl. capacity */
     double bits_per_element;  /* compressed records only */
