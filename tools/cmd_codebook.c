@@ -316,7 +316,9 @@ int cmd_export_codebook(const cli_cmd *cmd, int argc, char **argv) {
             rc = cli_fail("cannot create %s", path);
             goto done;
         }
-        if ((fprintf(f, "%s\n", note) < 0) | (fclose(f) != 0)) {
+        int werr = fprintf(f, "%s\n", note) < 0;
+        if (fclose(f) != 0) werr = 1; /* close even after a failed write */
+        if (werr) {
             rc = cli_fail("write error on %s", path);
             goto done;
         }

@@ -12,15 +12,16 @@ function(run)
   message(STATUS "${out}")
 endfunction()
 run(${CMAKE_COMMAND} --install ${BIN} --prefix ${prefix})
+# The consumer uses the compiler the library was built with: the static
+# library carries that compiler's OpenMP runtime (libgomp or libomp).
 run(${CMAKE_COMMAND} -S ${SRC}/tests/package -B ${WORK}/cmake-build -DCMAKE_PREFIX_PATH=${prefix}
-    -DCMAKE_BUILD_RPATH=${prefix}/lib)
+    -DCMAKE_BUILD_RPATH=${prefix}/lib -DCMAKE_C_COMPILER=${CC})
 run(${CMAKE_COMMAND} --build ${WORK}/cmake-build)
 set(ENV{LD_LIBRARY_PATH} "${prefix}/lib:${prefix}/lib64")
 run(${WORK}/cmake-build/consumer_shared)
 run(${WORK}/cmake-build/consumer_static)
 # pkg-config
 find_program(PKGCONF pkg-config REQUIRED)
-find_program(CC_PROG NAMES cc gcc REQUIRED)
 file(GLOB pcdir ${prefix}/lib*/pkgconfig)
 set(ENV{PKG_CONFIG_PATH} "${pcdir}")
 execute_process(COMMAND ${PKGCONF} --cflags --libs commvq OUTPUT_VARIABLE flags
@@ -29,5 +30,5 @@ if(NOT rc EQUAL 0)
   message(FATAL_ERROR "pkg-config cannot find commvq in ${pcdir}")
 endif()
 separate_arguments(flags UNIX_COMMAND "${flags}")
-run(${CC_PROG} -std=c11 ${SRC}/tests/package/consumer.c ${flags} -o ${WORK}/consumer_pc)
+run(${CC} -std=c11 ${SRC}/tests/package/consumer.c ${flags} -o ${WORK}/consumer_pc)
 run(${WORK}/consumer_pc)
