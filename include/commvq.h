@@ -420,7 +420,7 @@ typedef struct cvq_cache_params {
 } cvq_cache_params;
 
 CVQ_API cvq_cache_params cvq_cache_default_params(void);
-/* The cache keeps a reference to cb: cb must outlive it. */
+/* The cache keeps references to ctx and cb: both must outlive it. */
 CVQ_API cvq_status cvq_cache_create(cvq_context *ctx, const cvq_codebook *cb,
                                     const cvq_cache_params *params,
                                     cvq_cache **out);
