@@ -50,11 +50,9 @@ static cvq_status absent(cvq_context *ctx, cvq_backend_kind k) {
         why = "it is not implemented in this version (the CUDA toolkit was found at build time; "
               "the kernels arrive in a later release)";
 #endif
-#ifdef COMMVQ_VULKAN_SDK_FOUND
     if (k == CVQ_BACKEND_VULKAN)
-        why = "it is not implemented in this version (the Vulkan SDK was found at build time; "
-              "the kernels arrive in a later release)";
-#endif
+        why = "it was not compiled into this build (COMMVQ_VULKAN=OFF, or the Vulkan headers or "
+              "glslangValidator were missing at build time)";
     return CVQ_FAIL(ctx, CVQ_ERR_BACKEND_UNAVAILABLE, "the %s backend is not available: %s",
                     cvq_backend_name(k), why);
 }
@@ -195,6 +193,15 @@ cvq_status cvq_context_create(const cvq_context_params *params, cvq_context **ou
     if (be->api_version < 1 || be->api_version > CVQ_BACKEND_API_VERSION)
         return CVQ_FAIL(NULL, CVQ_ERR_INTERNAL, "backend %s has API version %u (core reads 1..%u)",
                         be->name, be->api_version, CVQ_BACKEND_API_VERSION);
+    /* "The backend's choice": its best usable device, software ones
+     * included (an explicit request may use lavapipe), resolved here so
+     * that the device recorded below is the one the backend opens. */
+    if (device < 0 && kind != CVQ_BACKEND_CPU) {
+        int rank;
+        cvq_status why;
+        int best = best_device(be, true, &rank, &why);
+        if (best >= 0) device = best;
+    }
 
     cvq_allocator a;
     cvq__allocator_init(&a, p.allocator);
