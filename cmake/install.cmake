@@ -20,7 +20,7 @@ install(FILES ${PROJECT_BINARY_DIR}/commvqConfig.cmake ${PROJECT_BINARY_DIR}/com
         DESTINATION ${COMMVQ_CMAKE_DIR})
 
 # pkg-config: the static library's private dependencies go in Libs.private.
-set(COMMVQ_PC_LIBS_PRIVATE "-lm -lpthread")
+set(COMMVQ_PC_LIBS_PRIVATE "-lm -lpthread -ldl") # -ldl: the Vulkan loader is dlopened
 if(OpenMP_C_FOUND)
   string(APPEND COMMVQ_PC_LIBS_PRIVATE " ${OpenMP_C_FLAGS}")
 endif()

@@ -17,7 +17,11 @@
 #include "numerics.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
+
+/* Source of codebook generations (see cvq_codebook commit). */
+static atomic_uint_fast64_t g_generation;
 
 /* ---- tensor names and shapes ---------------------------------------------- */
 
@@ -377,7 +381,10 @@ static cvq_status commit_impl(cvq_context *ctx, cvq_codebook *cb) {
         cb->val_inv_ls[j] = inv;
     }
     cb->inv_F = 1.0f / (float)g->value_group_width;
-    cb->generation++;
+    /* Unique across the process (not per codebook): a backend caching
+     * device copies keyed on (pointer, generation) must not mistake a new
+     * codebook allocated at a freed one's address for the old one. */
+    cb->generation = atomic_fetch_add(&g_generation, 1) + 1;
     cb->dirty = false;
     return CVQ_OK;
 }

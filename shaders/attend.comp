@@ -14,14 +14,15 @@
  * Phases (barriers between them):
  *   1. q' = RoPE(q, qpos) (unless q_rotated) into shared memory, as pairs.
  *   2. logits of all tokens (threads stride over u) into SCRATCH[qh][u];
- *      per-thread max, then a tree reduction.
- *   3. e_u = exp(l_u - max) into SCRATCH, per-thread sums, tree reduction;
- *      weights a_u = e_u / sum (0 for invisible tokens).
+ *      each thread keeps an online-softmax state (max m, sum of exp(l - m))
+ *      of its tokens; the states are merged in a three-level tree (thread
+ *      serial, 8 partials, then the 8 in one fixed order by every thread).
+ *   3. weights a_u = exp(l_u - m) / sum into SCRATCH (0 for invisible ones).
  *   4. code-space value accumulator acc[b] = sum_t a_t sigma_t bit_b into
  *      SCRATCH[qh][n_tok + b]: a work unit is (32-bit chunk c of the group's
- *      Nc bits, token slice s); when there are fewer chunks than threads the
- *      tokens are split into SLICES interleaved slices and the slices' partial
- *      sums are added into SCRATCH one slice after another.
+ *      NC bits, token slice s); when there are fewer chunks than threads the
+ *      tokens are split into SLICES interleaved slices whose partial sums
+ *      go through the compressed weights' SCRATCH slots and are then added.
  *   5. out[f] = sum a_t v_t[f] (sinks) + ls_eps[c0+f] * sum_b acc[b] E[b][c0+f]
  *      + sum a_t v_t[f] (window)   (threads over f), written to OUT[i][h][f].
  * Index names follow core/ref_attention.c: t a token of a segment, r a key
@@ -31,22 +32,26 @@
  * SCRATCH holds n_q*HQ rows of n_tok + NC floats, row qh (the global index,
  * qh_base included) private to its workgroup.
  *
- * Shared memory: D + WG floats + 1 uint (WG = local size): 5 KiB at WG = 1024,
- * d = 256, well under lavapipe's 32 KiB.
+ * Shared memory: D + 2*WG + 16 floats (WG = local size): 9 KiB at WG = 1024
+ * and d = 256, under lavapipe's 32 KiB.
  *
  * Loop trip counts per invocation: llvmpipe (lavapipe) stops *all* loops of
  * an invocation after 65535 back-edges in total (LP_MAX_TGSI_LOOP_ITERATIONS,
  * one counter shared by every loop, per SIMD vector) and then silently
  * produces wrong results. So the inner loops over stages, bits and small
  * blocks of pairs/tokens are unrolled ([[unroll]] with trip counts known at
- * specialization), and the loops that remain iterate about
- *     ceil(n_tok/WG) * (P/4 + 4)                      (phases 2, 3)
+ * specialization), and the loops that remain iterate at most about
+ *     ceil(n_tok/WG) * (P/2 + 4)                                 (phases 2, 3)
  *   + ceil(n_comp/(4*SLICES)) * ceil(NCH/WG) + SLICES * ceil(NC/WG) (phase 4)
- *   + ceil(D/WG) * (n_sink + n_win + NC/8)            (phase 5)
- *   + 2*log2(WG) + 100                                (reductions, numerics)
- * times, NCH = ceil(NC/32), SLICES = max(1, floor(WG/NCH)). A host using
- * lavapipe must keep this below 65535 (a larger WG helps: lavapipe runs up to
- * 1024 invocations per workgroup) or refuse the call.
+ *   + ceil(D/WG) * (n_sink + n_win + NC/8)                       (phase 5)
+ *   + WG/8 + 200                                        (reductions, misc.)
+ * times, NCH = ceil(NC/32), SLICES = max(1, min(floor(WG/NCH),
+ * floor(n_comp/NC))) (measured on lavapipe: d = 256, WG = 64 fails between
+ * 60000 and 63000 tokens, where the estimate crosses 65535). A host using
+ * lavapipe must keep this below 65535 with a margin (a larger WG helps:
+ * lavapipe allows 1024 invocations per workgroup) or refuse the call. The
+ * pair blocks are only 2 wide because every unrolled copy of the RoPE
+ * polynomial costs lavapipe compile time (4 wide: +35% for the test grid).
  */
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -110,6 +115,8 @@ shared float qs[D];
 /* reduction slots: online-softmax states (max, sum) */
 shared vec2 red[WG];
 shared vec2 red2[8];
+/* nonzero when some invocation found one of its loops cut short (below) */
+shared uint cut_flag;
 
 /* Indices (ire, iim) of pair p in a head vector of D floats. */
 uint pair_re(uint p) { return LAYOUT == 0u ? p : 2u * p; }
@@ -137,16 +144,17 @@ uint vbit_bytes4(uint k, uint n) {
 }
 
 /* Pairs are processed in blocks of PB (unrolled) to cut loop back-edges. */
-const uint PB = 4u;
+const uint PB = 2u;
 
 /* Float idx of the full-precision keys: sinks (sel 0) or window (sel 1). */
 float full_key(uint sel, uint idx) { return sel == 0u ? sink_k[idx] : win_k[idx]; }
 
 /* q' . RoPE_pos(k) for a full-precision pre-RoPE key of one head whose
  * first float is at k_base in buffer sel (0: sinks, 1: window). */
-float dot_full(uint sel, uint k_base, int pos) {
+float dot_full(uint sel, uint k_base, int pos, inout bool cut) {
     float acc = 0.0;
-    for (uint p0 = 0u; p0 < P; p0 += PB) {
+    uint p0;
+    for (p0 = 0u; p0 < P; p0 += PB) {
         [[unroll]] for (uint j = 0u; j < PB; j++) {
             const uint p = p0 + j;
             if (p < P) {
@@ -159,13 +167,14 @@ float dot_full(uint sel, uint k_base, int pos) {
             }
         }
     }
+    cut = cut || p0 < P;
     return acc;
 }
 
 /* Logit of compressed token t for KV head kv, without lambda and scale:
  * q' . RoPE_pos(S), S_p = sum_r c_p(A_r, B_r) with the centre of pair p
  * c_p = (wx_A - wy_B, wy_A + wx_B) (contract section 2, decode). */
-float dot_comp(uint t, uint kv, int pos) {
+float dot_comp(uint t, uint kv, int pos, inout bool cut) {
     /* first float of w[kv][r][A_r] and w[kv][r][B_r] ([64][P][2] each) */
     uint wA[R], wB[R];
     [[unroll]] for (uint r = 0u; r < R; r++) {
@@ -179,7 +188,8 @@ float dot_comp(uint t, uint kv, int pos) {
         wB[r] = ((kv * R + r) * 64u + (code & 63u)) * P * 2u;
     }
     float acc = 0.0;
-    for (uint p0 = 0u; p0 < P; p0 += PB) {
+    uint p0;
+    for (p0 = 0u; p0 < P; p0 += PB) {
         [[unroll]] for (uint j = 0u; j < PB; j++) {
             const uint p = p0 + j;
             if (p < P) {
@@ -196,6 +206,7 @@ float dot_comp(uint t, uint kv, int pos) {
             }
         }
     }
+    cut = cut || p0 < P;
     return acc;
 }
 
@@ -209,6 +220,18 @@ int token_pos(uint u) {
         return comp_pos[u];
     }
     return win_pos[u - pc.n_comp];
+}
+
+/* OUT[i][h][f] = v for every f of this invocation (f = lid + j*WG). The
+ * loop is unrolled (its trip count is a specialization constant), so no
+ * loop limit can cut it short. */
+void fill_out(uint obase, float v) {
+    [[unroll]] for (uint j = 0u; j < (D + WG - 1u) / WG; j++) {
+        const uint f = gl_LocalInvocationID.x + j * WG;
+        if (f < D) {
+            outv[obase + f] = v;
+        }
+    }
 }
 
 /* Online softmax state of a set of logits: m = their max, s = sum of
@@ -239,10 +262,14 @@ vec2 sm_reduce() {
     barrier();
     if (lid < 8u) {
         vec2 v = vec2(0.0);
-        for (uint j = lid; j < WG; j += 8u) {
+        uint j;
+        for (j = lid; j < WG; j += 8u) {
             v = sm_merge(v, red[j]);
         }
         red2[lid] = v;
+        if (j < WG) {
+            atomicOr(cut_flag, 1u);
+        }
     }
     barrier();
     vec2 r = red2[0];
@@ -268,6 +295,16 @@ void main() {
     const uint kvd = HKV * D;             /* floats per full-precision token */
     const uint obase = qh * D;            /* OUT[i][h][0] = (i*HQ + h)*D */
 
+    /* Loops cut short: llvmpipe ends every loop of an invocation once
+     * 65535 iterations have run in all (see the top of this file). Each
+     * long loop checks on exit that it reached its bound; a cut anywhere
+     * turns the outputs into NaN, so an undersized workgroup fails loudly
+     * instead of returning plausible wrong numbers. */
+    bool cut = false;
+    if (lid == 0u) {
+        cut_flag = 0u;
+    }
+
     /* ---- 1. q' ---- */
     for (uint p = lid; p < P; p += WG) {
         float re = q[obase + pair_re(p)], im = q[obase + pair_im(p)];
@@ -283,7 +320,8 @@ void main() {
 
     /* ---- 2. logits, and the softmax's max and sum (online) ---- */
     vec2 ms = vec2(0.0); /* (max, sum of exp(l - max)) of this thread's tokens */
-    for (uint u = lid; u < n_tok; u += WG) {
+    uint u;
+    for (u = lid; u < n_tok; u += WG) {
         const int pos = token_pos(u);
         if (pos > qpos) {
             continue;
@@ -293,30 +331,35 @@ void main() {
             /* one call site for both full-precision segments (code size) */
             const bool sink = u < pc.n_sink;
             const uint t = sink ? u : u - pc.n_sink - pc.n_comp;
-            l = pc.logit_scale * dot_full(sink ? 0u : 1u, t * kvd + kv * D, pos);
+            l = pc.logit_scale * dot_full(sink ? 0u : 1u, t * kvd + kv * D, pos, cut);
         } else {
             const uint t = u - pc.n_sink;
             const float s = kscale[t * NS + (NS == 1u ? 0u : kv)];
-            l = (s * pc.logit_scale) * dot_comp(t, kv, pos);
+            l = (s * pc.logit_scale) * dot_comp(t, kv, pos, cut);
         }
         scratch[sbase + u] = l;
         ms = sm_add_logit(ms, l);
     }
+    if (cut || u < n_tok) {
+        atomicOr(cut_flag, 1u);
+    }
     red[lid] = ms;
     ms = sm_reduce();
 
+    const float nan = uintBitsToFloat(0x7FC00000u);
     if (ms.y == 0.0) {
         /* a query that sees no token outputs zeros (uniform branch) */
-        for (uint f = lid; f < D; f += WG) {
-            outv[obase + f] = 0.0;
-        }
+        fill_out(obase, cut_flag != 0u ? nan : 0.0);
         return;
     }
 
     /* ---- 3. weights a_u = exp(l_u - max) / sum, 0 when invisible ---- */
     const float inv_sum = 1.0 / ms.y;
-    for (uint u = lid; u < n_tok; u += WG) {
+    for (u = lid; u < n_tok; u += WG) {
         scratch[sbase + u] = token_pos(u) > qpos ? 0.0 : exp(scratch[sbase + u] - ms.x) * inv_sum;
+    }
+    if (u < n_tok) {
+        atomicOr(cut_flag, 1u);
     }
     memoryBarrierBuffer();
     barrier();
@@ -335,7 +378,8 @@ void main() {
     [[unroll]] for (uint k = 0u; k < 32u; k++) {
         acc[k] = 0.0;
     }
-    for (uint unit = lid; unit < units; unit += WG) {
+    uint unit;
+    for (unit = lid; unit < units; unit += WG) {
         const uint c = unit % NCH, s = unit / NCH;
         const uint nbytes = min(4u, NC / 8u - 4u * c);
         const uint byte0 = g * (NC / 8u) + 4u * c; /* within a token's bits */
@@ -343,7 +387,8 @@ void main() {
             acc[k] = 0.0;
         }
         /* tokens s, s + slices, ...; four per iteration */
-        for (uint t0 = s; t0 < pc.n_comp; t0 += 4u * slices) {
+        uint t0;
+        for (t0 = s; t0 < pc.n_comp; t0 += 4u * slices) {
             [[unroll]] for (uint j = 0u; j < 4u; j++) {
                 const uint t = t0 + j * slices;
                 if (t < pc.n_comp) {
@@ -356,6 +401,7 @@ void main() {
                 }
             }
         }
+        cut = cut || t0 < pc.n_comp;
         if (slices == 1u) {
             [[unroll]] for (uint k = 0u; k < 32u; k++) {
                 if (32u * c + k < NC) {
@@ -364,6 +410,7 @@ void main() {
             }
         }
     }
+    cut = cut || unit < units;
     if (slices > 1u) { /* uniform: barriers allowed */
         memoryBarrierBuffer();
         barrier(); /* every compressed weight has been read */
@@ -377,37 +424,54 @@ void main() {
         }
         memoryBarrierBuffer();
         barrier();
-        for (uint b = lid; b < NC; b += WG) {
+        uint b;
+        for (b = lid; b < NC; b += WG) {
             float sum = 0.0;
-            for (uint s = 0u; s < slices; s++) {
+            uint s;
+            for (s = 0u; s < slices; s++) {
                 sum = sum + scratch[wbase + s * NC + b];
             }
             scratch[abase + b] = sum;
+            cut = cut || s < slices;
         }
+        cut = cut || b < NC;
+    }
+    if (cut) {
+        atomicOr(cut_flag, 1u);
     }
     memoryBarrierBuffer();
     barrier();
 
     /* ---- 5. output features ---- */
-    for (uint f = lid; f < D; f += WG) {
+    uint f;
+    for (f = lid; f < D; f += WG) {
         float o = 0.0;
-        for (uint t = 0u; t < pc.n_sink; t++) {
+        uint t;
+        for (t = 0u; t < pc.n_sink; t++) {
             o = o + scratch[sbase + t] * sink_v[t * kvd + kv * D + f];
         }
+        bool cut_f = t < pc.n_sink;
         if (pc.n_comp > 0u) {
             float sum = 0.0;
             const uint ebase = g * NC * F + c0 + f; /* E[g][b][c0+f] = ebase + b*F */
-            for (uint b0 = 0u; b0 < NC; b0 += 8u) { /* NC is a multiple of 8 */
+            uint b0;
+            for (b0 = 0u; b0 < NC; b0 += 8u) { /* NC is a multiple of 8 */
                 [[unroll]] for (uint k = 0u; k < 8u; k++) {
                     sum = sum + scratch[abase + b0 + k] * E[ebase + (b0 + k) * F];
                 }
             }
+            cut_f = cut_f || b0 < NC;
             o = o + ls_eps[g * F + c0 + f] * sum;
         }
         const uint u0 = pc.n_sink + pc.n_comp;
-        for (uint t = 0u; t < pc.n_win; t++) {
+        for (t = 0u; t < pc.n_win; t++) {
             o = o + scratch[sbase + u0 + t] * win_v[t * kvd + kv * D + f];
         }
-        outv[obase + f] = o;
+        cut_f = cut_f || t < pc.n_win;
+        outv[obase + f] = (cut_f || cut_flag != 0u) ? nan : o;
+    }
+    if (f < D) {
+        /* this loop itself was cut: NaN for every feature of the thread */
+        fill_out(obase, nan);
     }
 }

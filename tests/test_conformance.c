@@ -48,6 +48,7 @@
 #include "commvq.h"
 #include "cvq_internal.h"
 #include "harness.h"
+#include "vulkan/vk_backend.h"
 #include "numerics.h"
 #include "reference.h"
 
@@ -1862,5 +1863,10 @@ int main(void) {
     }
     const int failed = cmocka_run_group_tests_name("conformance", tests, NULL, NULL);
     th_backends_close(&g_bk);
-    return failed;
+    /* With COMMVQ_VK_VALIDATION=1 (set by ctest) every Khronos validation
+     * warning or error fails the run. */
+    const uint64_t vk_msgs = cvq_vk_validation_messages();
+    printf("[conformance] vulkan validation layer: %s, %llu messages\n",
+           cvq_vk_validation_enabled() ? "enabled" : "not enabled", (unsigned long long)vk_msgs);
+    return failed ? failed : (vk_msgs ? 1 : 0);
 }

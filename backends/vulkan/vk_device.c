@@ -103,17 +103,6 @@ void cvq_vk_caps_get(const cvq_vk_process *p, uint32_t index, cvq_vk_caps *c) {
     for (uint32_t i = 0; i < nq && c->queue_family < 0; i++)
         if ((qf[i].queueFlags & VK_QUEUE_COMPUTE_BIT) && qf[i].queueCount > 0) c->queue_family = (int)i;
 
-    uint32_t n_ext = 0;
-    if (p->fn.EnumerateDeviceExtensionProperties(pd, NULL, &n_ext, NULL) == VK_SUCCESS && n_ext) {
-        VkExtensionProperties ext[512];
-        if (n_ext > 512) n_ext = 512;
-        VkResult r = p->fn.EnumerateDeviceExtensionProperties(pd, NULL, &n_ext, ext);
-        if (r == VK_SUCCESS || r == VK_INCOMPLETE)
-            for (uint32_t i = 0; i < n_ext; i++)
-                if (strcmp(ext[i].extensionName, "VK_KHR_portability_subset") == 0)
-                    c->portability_subset = true;
-    }
-
     /* Mesa's llvmpipe (lavapipe) ends every loop of a shader invocation
      * once the invocation has run 65535 loop iterations in total (gallivm's
      * LP_MAX_TGSI_LOOP_ITERATIONS, a hang guard) and carries on with wrong
@@ -229,7 +218,7 @@ void cvq_vk_device_info(const cvq_vk_process *p, uint32_t index, cvq_device_info
     info->shared_memory_bytes = c.props.limits.maxComputeSharedMemorySize;
     info->subgroup_size = c.subgroup_size;
     info->compute_units = 0; /* Vulkan core does not say */
-    if (cvq_vk_float_controls(&c))
+    if (cvq_vk_float_controls(&c) && cvq_vk_fc_modules_present())
         info->exactness = CVQ_EXACT_GUARANTEED;
     else if (driver_tested(&c))
         info->exactness = CVQ_EXACT_TESTED;
@@ -312,9 +301,20 @@ cvq_status cvq_vk_device_open(cvq_vk *vk, int index) {
     qci.queueFamilyIndex = (uint32_t)c->queue_family;
     qci.queueCount = 1;
     qci.pQueuePriorities = &prio;
+    /* A portability (layered) implementation must get its subset extension
+     * enabled. */
     const char *exts[1];
     uint32_t n_ext = 0;
-    if (c->portability_subset) exts[n_ext++] = "VK_KHR_portability_subset";
+    uint32_t n_avail = 0;
+    if (p->fn.EnumerateDeviceExtensionProperties(vk->phys, NULL, &n_avail, NULL) == VK_SUCCESS && n_avail) {
+        VkExtensionProperties *avail = cvq__calloc(&ctx->alloc, n_avail, sizeof *avail);
+        if (!avail) return CVQ_FAIL(ctx, CVQ_ERR_OUT_OF_MEMORY, "device extension list (%u)", n_avail);
+        VkResult er = p->fn.EnumerateDeviceExtensionProperties(vk->phys, NULL, &n_avail, avail);
+        for (uint32_t i = 0; (er == VK_SUCCESS || er == VK_INCOMPLETE) && i < n_avail; i++)
+            if (n_ext == 0 && strcmp(avail[i].extensionName, "VK_KHR_portability_subset") == 0)
+                exts[n_ext++] = "VK_KHR_portability_subset";
+        cvq__free(&ctx->alloc, avail);
+    }
     VkDeviceCreateInfo dci;
     memset(&dci, 0, sizeof dci);
     dci.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO;

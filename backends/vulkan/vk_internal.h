@@ -118,7 +118,6 @@ typedef struct cvq_vk_caps {
     bool shader_int8, shader_float16, storage8, storage16;
     uint64_t max_alloc;         /* maxMemoryAllocationSize (or a guess)      */
     int queue_family;           /* first family with compute, -1 if none     */
-    bool portability_subset;    /* VK_KHR_portability_subset must be enabled */
     uint32_t driver_id;         /* VkDriverId (0 if unknown)                 */
     uint32_t loop_budget;       /* loop iterations a shader invocation may run
                                    before the driver cuts it short; 0 = none */
@@ -263,6 +262,9 @@ void cvq_vk_cmd_barrier_host(cvq_vk *vk);
 /* Name of a kernel ("encode_keys"), its binding count. */
 const char *cvq_vk_kernel_name(cvq_vk_kernel_id k);
 uint32_t cvq_vk_kernel_bindings(cvq_vk_kernel_id k);
+/* Every encoder has its float-controls variant embedded (then devices with
+ * the float controls get codes bit-exact by guarantee). */
+bool cvq_vk_fc_modules_present(void);
 /* Whether kernel k can run on this device: its SPIR-V is embedded and the
  * device has the capabilities the module declares. CVQ_ERR_UNSUPPORTED with
  * a message otherwise. */

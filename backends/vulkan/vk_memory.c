@@ -25,7 +25,8 @@
 #include <string.h>
 
 #define CVQ_VK_STAGING_MAX ((VkDeviceSize)16 << 20)
-/* A fence wait longer than this is reported as a device error. */
+/* A fence wait longer than this is reported as CVQ_ERR_DEVICE_LOST (the
+ * command buffer may still be pending: the context takes no more work). */
 #define CVQ_VK_WAIT_NS (600ull * 1000 * 1000 * 1000)
 
 static bool env_on(const char *name) {

@@ -36,6 +36,17 @@ static const cvq_vk_spirv *spirv_find(const char *name) {
     return NULL;
 }
 
+bool cvq_vk_fc_modules_present(void) {
+    for (int k = 0; k < CVQ_VK_K_COUNT; k++) {
+        if (!k_kernels[k].has_fc) continue;
+        char name[64];
+        snprintf(name, sizeof name, "%s_fc", k_kernels[k].name);
+        const cvq_vk_spirv *sp = spirv_find(name);
+        if (!sp || !sp->code) return false;
+    }
+    return true;
+}
+
 /* The module kernel k runs on this context: the "_fc" variant when the
  * context uses float controls and it compiled. *fc says which. */
 static const cvq_vk_spirv *kernel_spirv(const cvq_vk *vk, cvq_vk_kernel_id k, bool *fc) {
