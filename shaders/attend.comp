@@ -46,12 +46,17 @@
  *   + ceil(D/WG) * (n_sink + n_win + NC/8)                       (phase 5)
  *   + WG/8 + 200                                        (reductions, misc.)
  * times, NCH = ceil(NC/32), SLICES = max(1, min(floor(WG/NCH),
- * floor(n_comp/NC))) (measured on lavapipe: d = 256, WG = 64 fails between
- * 60000 and 63000 tokens, where the estimate crosses 65535). A host using
- * lavapipe must keep this below 65535 with a margin (a larger WG helps:
- * lavapipe allows 1024 invocations per workgroup) or refuse the call. The
+ * floor(n_comp/NC))). Measured on lavapipe at WG = 64: d = 256, R = 2,
+ * NC = 64 works at 60500 tokens and fails at 61000 (estimate 65600 and
+ * 66150); d = 64, NC = 2048 works at 112000 and fails at 116000 (estimate
+ * 63500 and 65770). A host using lavapipe must keep this below 65535 with a
+ * margin (a larger WG helps: lavapipe allows 1024 invocations per
+ * workgroup) or refuse the call. Should a loop still be cut short, the
+ * kernel notices (a loop that ends before its bound) and writes NaN to the
+ * whole output row of the (query, head) instead of wrong numbers. The
  * pair blocks are only 2 wide because every unrolled copy of the RoPE
- * polynomial costs lavapipe compile time (4 wide: +35% for the test grid).
+ * polynomial costs lavapipe compile time (4 wide: about +35% for the test
+ * grid's pipelines).
  */
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require

@@ -155,12 +155,14 @@ static size_t loops_encode_values(const cvq_geometry *g, size_t wg) {
 }
 
 static size_t loops_attend(const cvq_geometry *g, size_t wg, size_t n_sink, size_t n_comp, size_t n_win) {
+    /* The bound stated in shaders/attend.comp's header comment. */
     const size_t D = g->head_dim, P = D / 2, NC = g->value_bits, n_tok = n_sink + n_comp + n_win;
-    const size_t nch = cdiv(NC, 32), slices = wg >= nch ? wg / nch : 1;
-    size_t log2wg = 0;
-    while (((size_t)1 << log2wg) < wg) log2wg++;
-    return cdiv(n_tok, wg) * (P / 4 + 4) + cdiv(n_comp, 4 * slices) * cdiv(nch, wg) + slices * cdiv(NC, wg) +
-           cdiv(D, wg) * (n_sink + n_win + NC / 8) + 2 * log2wg + 100;
+    const size_t nch = cdiv(NC, 32);
+    size_t slices = wg / nch;
+    if (n_comp / NC < slices) slices = n_comp / NC;
+    if (slices < 1) slices = 1;
+    return cdiv(n_tok, wg) * (P / 2 + 4) + cdiv(n_comp, 4 * slices) * cdiv(nch, wg) + slices * cdiv(NC, wg) +
+           cdiv(D, wg) * (n_sink + n_win + NC / 8) + wg / 8 + 200;
 }
 
 /* Loop counts of an op instance (the kernels it runs) at workgroup size
