@@ -13,6 +13,7 @@
  * Random codebooks, synthetic inputs; not a test (nothing is asserted).
  */
 #define _POSIX_C_SOURCE 200809L
+#include "bench_util.h"
 #include "commvq.h"
 
 #include <stdio.h>
@@ -20,20 +21,7 @@
 #include <string.h>
 #include <time.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static uint64_t rs;
-static float rnd(void) {
-    uint64_t z = (rs += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
 
 typedef struct {
     const char *label;
@@ -52,13 +40,13 @@ static int measure(cvq_context *ctx, const cvq_codebook *cb, const float *k, con
     /* warm-up: pipelines and uploaded tables are built on first use */
     st = cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, 1, codes, sc);
     if (!st) st = cvq_encode_values(ctx, cb, 0, v, CVQ_F32, 1, bits, sc);
-    double t0 = now();
+    double t0 = bench_now();
     if (!st) st = cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, n_tok, codes, sc);
-    r[0] = (now() - t0) * 1e3 / (double)n_tok;
+    r[0] = (bench_now() - t0) * 1e3 / (double)n_tok;
     if (!st) {
-        t0 = now();
+        t0 = bench_now();
         st = cvq_encode_values(ctx, cb, 0, v, CVQ_F32, n_tok, bits, sc);
-        r[1] = (now() - t0) * 1e3 / (double)n_tok;
+        r[1] = (bench_now() - t0) * 1e3 / (double)n_tok;
     }
     if (!st) st = cvq_cache_create(ctx, cb, NULL, &c);
     if (!st) st = cvq_cache_append(c, k, v, CVQ_F32, pos, ctx_len);
@@ -66,9 +54,9 @@ static int measure(cvq_context *ctx, const cvq_codebook *cb, const float *k, con
     if (!st) st = cvq_cache_attend(c, q, &qp, 1, 0, out); /* warm-up: pipelines, tables */
     if (!st) {
         const int reps = 3;
-        t0 = now();
+        t0 = bench_now();
         for (int i = 0; i < reps && !st; i++) st = cvq_cache_attend(c, q, &qp, 1, 0, out);
-        r[2] = (now() - t0) * 1e3 / reps;
+        r[2] = (bench_now() - t0) * 1e3 / reps;
     }
     if (st) fprintf(stderr, "bench: %s: %s\n", cvq_status_name(st), cvq_last_error());
     cvq_cache_free(c);
@@ -91,8 +79,8 @@ int main(int argc, char **argv) {
     float *q = malloc(32 * 128 * sizeof(float));
     int32_t *pos = malloc(nmax * sizeof(int32_t));
     rs = seed;
-    for (size_t i = 0; i < nmax * kvd; i++) { k[i] = rnd(); v[i] = rnd(); }
-    for (size_t i = 0; i < 32 * 128; i++) q[i] = rnd();
+    for (size_t i = 0; i < nmax * kvd; i++) { k[i] = bench_rnd(&rs); v[i] = bench_rnd(&rs); }
+    for (size_t i = 0; i < 32 * 128; i++) q[i] = bench_rnd(&rs);
     for (size_t i = 0; i < nmax; i++) pos[i] = (int32_t)i;
 
     cvq_geometry g;

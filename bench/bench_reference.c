@@ -11,6 +11,7 @@
  * suite (dense FP16 baselines, long contexts) are a later issue.
  */
 #define _POSIX_C_SOURCE 200809L
+#include "bench_util.h"
 #include "commvq.h"
 
 #include <math.h>
@@ -19,20 +20,7 @@
 #include <string.h>
 #include <time.h>
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static uint64_t rs;
-static float rnd(void) {
-    uint64_t z = (rs += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (float)((double)(z >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
 
 #define CHECK(x)                                                                         \
     do {                                                                                 \
@@ -58,8 +46,8 @@ int main(int argc, char **argv) {
     float *q = malloc((size_t)Hq * d * sizeof(float)), *out = malloc((size_t)Hq * d * sizeof(float));
     int32_t *pos = malloc(nmax * sizeof(int32_t));
     rs = seed;
-    for (size_t i = 0; i < nmax * kvd; i++) { k[i] = rnd(); v[i] = rnd(); }
-    for (size_t i = 0; i < (size_t)Hq * d; i++) q[i] = rnd();
+    for (size_t i = 0; i < nmax * kvd; i++) { k[i] = bench_rnd(&rs); v[i] = bench_rnd(&rs); }
+    for (size_t i = 0; i < (size_t)Hq * d; i++) q[i] = bench_rnd(&rs);
     for (size_t i = 0; i < nmax; i++) pos[i] = (int32_t)i;
     double theta[64];
     CHECK(cvq_rope_freqs_default(d, 500000.0, theta));
@@ -86,12 +74,12 @@ int main(int argc, char **argv) {
             uint16_t *codes = malloc(n_tok * Hkv * set[s].R * sizeof(uint16_t));
             float *sc = malloc(n_tok * Hkv * sizeof(float));
             uint8_t *bits = malloc(n_tok * set[s].Nc);
-            double t0 = now();
+            double t0 = bench_now();
             CHECK(cvq_encode_keys(ctx, cb, 0, k, CVQ_F32, n_tok, codes, sc));
-            r_key[mode] = (double)n_tok / (now() - t0);
-            t0 = now();
+            r_key[mode] = (double)n_tok / (bench_now() - t0);
+            t0 = bench_now();
             CHECK(cvq_encode_values(ctx, cb, 0, v, CVQ_F32, n_tok, bits, sc));
-            r_val[mode] = (double)n_tok / (now() - t0);
+            r_val[mode] = (double)n_tok / (bench_now() - t0);
             free(codes);
             free(sc);
             free(bits);
@@ -111,11 +99,11 @@ int main(int argc, char **argv) {
         CHECK(cvq_cache_append(c, k, v, CVQ_F32, pos, ctx_len));
         int32_t qp = (int32_t)ctx_len;
         const int reps = 3;
-        double t0 = now();
+        double t0 = bench_now();
         for (int r = 0; r < reps; r++) CHECK(cvq_cache_attend(c, q, &qp, 1, 0, out));
-        const double ms_cvq = (now() - t0) / reps * 1e3;
+        const double ms_cvq = (bench_now() - t0) / reps * 1e3;
         float *logit = malloc(ctx_len * sizeof(float));
-        t0 = now();
+        t0 = bench_now();
         for (int r = 0; r < reps; r++)
             for (uint32_t h = 0; h < Hq; h++) {
                 const uint32_t kv = h * Hkv / Hq;
@@ -136,7 +124,7 @@ int main(int argc, char **argv) {
                     for (uint32_t i = 0; i < d; i++) o[i] += a * vt[i];
                 }
             }
-        const double ms_dense = (now() - t0) / reps * 1e3;
+        const double ms_dense = (bench_now() - t0) / reps * 1e3;
         free(logit);
         cvq_cache_free(c);
         cvq_context_free(fast);
