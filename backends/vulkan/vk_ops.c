@@ -283,31 +283,20 @@ cvq_status cvq_vk_op_supported(cvq_vk *vk, const cvq_op_desc *d) {
     size_t n_it;
     switch (d->op) {
     case CVQ_OP_ENCODE_KEYS:
-        if ((st = cvq_vk_kernel_check(vk, CVQ_VK_K_ENCODE_KEYS))) return st;
-        if ((st = cvq_vk_kernel_check(vk, CVQ_VK_K_PACK_U16))) return st;
+    case CVQ_OP_ENCODE_VALUES: {
+        /* The two encoders: their kernel, then the packing kernel. */
+        const bool keys = d->op == CVQ_OP_ENCODE_KEYS;
+        const char *name = keys ? "encode_keys" : "encode_values";
+        if ((st = cvq_vk_kernel_check(vk, keys ? CVQ_VK_K_ENCODE_KEYS : CVQ_VK_K_ENCODE_VALUES))) return st;
+        if ((st = cvq_vk_kernel_check(vk, keys ? CVQ_VK_K_PACK_U16 : CVQ_VK_K_PACK_BITS))) return st;
         if ((st = check_tables(vk, g))) return st;
-        n_it = keys_items(vk, g, it);
-        if (d->n_tokens && plan_chunk(vk, d->n_tokens, it, n_it) == 0)
-            return too_large(vk, "encode_keys", d->n_tokens);
-        {
-            loop_case lc = {d->op, g, 0, 0, 0};
-            size_t need;
-            if (!choose_wg(vk, &lc, &need)) return over_budget(vk, "encode_keys", need);
-        }
+        n_it = keys ? keys_items(vk, g, it) : values_items(vk, g, it);
+        if (d->n_tokens && plan_chunk(vk, d->n_tokens, it, n_it) == 0) return too_large(vk, name, d->n_tokens);
+        loop_case lc = {d->op, g, 0, 0, 0};
+        size_t need;
+        if (!choose_wg(vk, &lc, &need)) return over_budget(vk, name, need);
         return CVQ_OK;
-    case CVQ_OP_ENCODE_VALUES:
-        if ((st = cvq_vk_kernel_check(vk, CVQ_VK_K_ENCODE_VALUES))) return st;
-        if ((st = cvq_vk_kernel_check(vk, CVQ_VK_K_PACK_BITS))) return st;
-        if ((st = check_tables(vk, g))) return st;
-        n_it = values_items(vk, g, it);
-        if (d->n_tokens && plan_chunk(vk, d->n_tokens, it, n_it) == 0)
-            return too_large(vk, "encode_values", d->n_tokens);
-        {
-            loop_case lc = {d->op, g, 0, 0, 0};
-            size_t need;
-            if (!choose_wg(vk, &lc, &need)) return over_budget(vk, "encode_values", need);
-        }
-        return CVQ_OK;
+    }
     case CVQ_OP_ATTEND: {
         if ((st = cvq_vk_kernel_check(vk, CVQ_VK_K_ATTEND))) return st;
         if ((st = check_tables(vk, g))) return st;
