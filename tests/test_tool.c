@@ -561,6 +561,63 @@ static void test_encode_f32(void **state) {
     free(v);
 }
 
+/* Whole output files of `encode` on the Vulkan backend equal the CPU's
+ * byte for byte (issue 3's "same bytes" check); skipped, visibly, without
+ * a Vulkan device. */
+static int read_whole(const char *path, unsigned char **data, long *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    fseek(f, 0, SEEK_END);
+    *size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    *data = (unsigned char *)malloc((size_t)*size + 1);
+    int ok = *data && fread(*data, 1, (size_t)*size, f) == (size_t)*size;
+    fclose(f);
+    return ok;
+}
+
+static void test_encode_vulkan_same_bytes(void **state) {
+    const uint32_t T = 29;
+    const size_t n = (size_t)T * G_HKV * G_D;
+    const char *files[] = {"key_codes.npy", "key_scale.npy", "value_bits.npy", "value_scale.npy"};
+    (void)state;
+    if (cvq_backend_available(CVQ_BACKEND_VULKAN) != CVQ_OK) {
+        print_message("  skip: no Vulkan device (%s)\n", cvq_last_error());
+        skip();
+    }
+    float *k = normal_floats(n, 21), *v = normal_floats(n, 22);
+    uint64_t shape[3] = {T, G_HKV, G_D};
+    make_codebook_file();
+    k[3] = 1e-41f; /* a subnormal component goes through too */
+    tnpy_write(path_in("vk_k.npy"), "<f4", 3, shape, k, n * 4);
+    tnpy_write(path_in("vk_v.npy"), "<f4", 3, shape, v, n * 4);
+    const char *backends[] = {"cpu", "vulkan"};
+    for (int b = 0; b < 2; b++) {
+        char dir[32];
+        snprintf(dir, sizeof dir, "vk_out_%s", backends[b]);
+        assert_int_equal(run_tool("encode --codebook '%s' --layer 1 --keys '%s' --values '%s' "
+                                  "--out-dir '%s' --backend %s",
+                                  path_in("cb2.cvq"), path_in("vk_k.npy"), path_in("vk_v.npy"),
+                                  path_in(dir), backends[b]),
+                         0);
+    }
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char a_name[64], b_name[64];
+        unsigned char *a = NULL, *b = NULL;
+        long na = 0, nb = 0;
+        snprintf(a_name, sizeof a_name, "vk_out_cpu/%s", files[i]);
+        snprintf(b_name, sizeof b_name, "vk_out_vulkan/%s", files[i]);
+        assert_true(read_whole(path_in(a_name), &a, &na));
+        assert_true(read_whole(path_in(b_name), &b, &nb));
+        assert_int_equal(na, nb);
+        if (memcmp(a, b, (size_t)na) != 0) fail_msg("%s differs between cpu and vulkan", files[i]);
+        free(a);
+        free(b);
+    }
+    free(k);
+    free(v);
+}
+
 static void test_encode_f16_bf16_f64(void **state) {
     const uint32_t T = 19;
     size_t n = (size_t)T * G_HKV * G_D, i;
@@ -900,6 +957,7 @@ int main(void) {
         cmocka_unit_test(test_export),
         cmocka_unit_test(test_export_fp16),
         cmocka_unit_test(test_encode_f32),
+        cmocka_unit_test(test_encode_vulkan_same_bytes),
         cmocka_unit_test(test_encode_f16_bf16_f64),
         cmocka_unit_test(test_encode_one_layer_default),
         cmocka_unit_test(test_attend),
