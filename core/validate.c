@@ -61,18 +61,21 @@ cvq_status cvq__load_keys(cvq_context *ctx, const cvq_layer_view *lv, const void
     cvq_status st = load_f32(ctx, lv, src, dtype, n, "keys", &f);
     if (st) return st;
     const size_t kvd = cvq__kv_dims(lv->g);
-    float scales[256]; /* ns <= Hkv <= Hq; checked below */
-    if (cvq__key_scale_count(lv->g) > 256) {
+    /* One token's scales at a time (1, or Hkv in head mode). */
+    float *scales = cvq__alloc(&ctx->alloc, cvq__key_scale_count(lv->g) * sizeof(float));
+    if (!scales) {
         cvq__free(&ctx->alloc, f);
-        return CVQ_FAIL(ctx, CVQ_ERR_GEOMETRY, "more than 256 KV heads");
+        return CVQ_FAIL(ctx, CVQ_ERR_OUT_OF_MEMORY, "key scale scratch");
     }
     for (size_t t = 0; t < n; t++) {
         if (!cvq_ref_key_scales(lv, f + t * kvd, scales)) {
+            cvq__free(&ctx->alloc, scales);
             cvq__free(&ctx->alloc, f);
             return CVQ_FAIL(ctx, CVQ_ERR_INPUT_RANGE,
                             "key of token %zu: its sum of squares overflows binary32; nothing was written", t);
         }
     }
+    cvq__free(&ctx->alloc, scales);
     *out = f;
     return CVQ_OK;
 }
