@@ -41,6 +41,7 @@ static const status_entry k_status[] = {
     {CVQ_ERR_FORMAT_TRUNCATED, "CVQ_ERR_FORMAT_TRUNCATED", "codebook file is truncated"},
     {CVQ_ERR_FORMAT_CHECKSUM, "CVQ_ERR_FORMAT_CHECKSUM", "codebook file checksum mismatch"},
     {CVQ_ERR_FORMAT_NONFINITE, "CVQ_ERR_FORMAT_NONFINITE", "codebook contains NaN/Inf or out-of-range values"},
+    {CVQ_ERR_CANCELLED, "CVQ_ERR_CANCELLED", "stopped by the caller's progress callback"},
     {CVQ_ERR_INTERNAL, "CVQ_ERR_INTERNAL", "internal error"},
 };
 

@@ -50,7 +50,8 @@ CVQ_API const char *cvq_version_string(void);
 /* ------------------------------------------------------------------------ */
 
 /* One enum, grouped by range: 1xx invalid argument, 2xx unsupported,
- * 3xx resources, 4xx device, 5xx data / file format, 9xx internal. */
+ * 3xx resources, 4xx device, 5xx data / file format, 6xx stopped by the
+ * caller, 9xx internal. */
 typedef enum cvq_status {
     CVQ_OK = 0,
 
@@ -81,6 +82,8 @@ typedef enum cvq_status {
     CVQ_ERR_FORMAT_TRUNCATED = 503,  /* file ends before its contents       */
     CVQ_ERR_FORMAT_CHECKSUM = 504,   /* CRC32 mismatch                      */
     CVQ_ERR_FORMAT_NONFINITE = 505,  /* NaN/Inf (or overflowing tables)     */
+
+    CVQ_ERR_CANCELLED = 600,         /* a progress callback asked to stop   */
 
     CVQ_ERR_INTERNAL = 900
 } cvq_status;

@@ -82,7 +82,7 @@ static void test_status_names(void **state) {
         CVQ_ERR_BACKEND_UNAVAILABLE, CVQ_ERR_NO_DEVICE, CVQ_ERR_OUT_OF_MEMORY,
         CVQ_ERR_DEVICE_OUT_OF_MEMORY, CVQ_ERR_DEVICE, CVQ_ERR_DEVICE_LOST, CVQ_ERR_IO,
         CVQ_ERR_FORMAT, CVQ_ERR_FORMAT_VERSION, CVQ_ERR_FORMAT_TRUNCATED,
-        CVQ_ERR_FORMAT_CHECKSUM, CVQ_ERR_FORMAT_NONFINITE, CVQ_ERR_INTERNAL};
+        CVQ_ERR_FORMAT_CHECKSUM, CVQ_ERR_FORMAT_NONFINITE, CVQ_ERR_CANCELLED, CVQ_ERR_INTERNAL};
     const size_t n = sizeof all / sizeof all[0];
     for (size_t i = 0; i < n; i++) {
         assert_string_not_equal(cvq_status_name(all[i]), "CVQ_ERR_UNKNOWN");
