@@ -8,7 +8,12 @@ install(TARGETS commvq commvq_static EXPORT commvqTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
         INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(FILES ${PROJECT_SOURCE_DIR}/include/commvq.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES ${PROJECT_SOURCE_DIR}/include/commvq.h ${PROJECT_SOURCE_DIR}/include/commvq_train.h
+        DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# The engine-interop header (includes <vulkan/vulkan.h>), only with the Vulkan backend.
+if(COMMVQ_VULKAN_STATUS MATCHES "^yes")
+  install(FILES ${PROJECT_SOURCE_DIR}/include/commvq_vulkan.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+endif()
 
 set(COMMVQ_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/commvq)
 install(EXPORT commvqTargets NAMESPACE commvq:: DESTINATION ${COMMVQ_CMAKE_DIR})

@@ -7,6 +7,7 @@
  * fallback.
  */
 #include "backend.h"
+#include "context_ext.h"
 
 #include <ctype.h>
 #include <stdio.h>
@@ -248,5 +249,37 @@ cvq_backend_kind cvq_context_backend(const cvq_context *ctx) {
 cvq_status cvq_context_device(const cvq_context *ctx, cvq_device_info *out) {
     if (!ctx || !out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "ctx and out are required");
     *out = ctx->device;
+    return CVQ_OK;
+}
+
+cvq_status cvq__context_create_with(const cvq_context_params *params, cvq_backend_kind kind,
+                                    cvq__state_init_fn init, void *arg, cvq_context **out) {
+    if (!out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "out is required");
+    *out = NULL;
+    cvq_context_params p = params ? *params : cvq_context_default_params();
+    if (p.backend != CVQ_BACKEND_AUTO && p.backend != kind)
+        return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT, "params->backend is %s; this call makes a %s context",
+                        cvq_backend_name(p.backend), cvq_backend_name(kind));
+    if (p.n_threads < 0) return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT, "n_threads must be >= 0");
+    const cvq_backend_i *be = cvq__backend_find(kind);
+    if (!be) return absent(NULL, kind);
+    cvq_allocator a;
+    cvq__allocator_init(&a, p.allocator);
+    cvq_context *ctx = cvq__calloc(&a, 1, sizeof *ctx);
+    if (!ctx) return CVQ_FAIL(NULL, CVQ_ERR_OUT_OF_MEMORY, "cannot allocate a context");
+    ctx->alloc = a;
+    ctx->be = be;
+    ctx->kind = kind;
+    ctx->n_threads = p.n_threads;
+    ctx->cpu_reference = p.cpu_reference;
+    cvq_status st = init(ctx, arg, &ctx->be_state);
+    if (st) {
+        char msg[512];
+        memcpy(msg, ctx->last_error, sizeof msg);
+        cvq__free(&a, ctx);
+        return CVQ_FAIL(NULL, st, "%s backend: %s", cvq_backend_name(kind), msg[0] ? msg : cvq_last_error());
+    }
+    ctx->device.backend = kind;
+    *out = ctx;
     return CVQ_OK;
 }

@@ -37,6 +37,9 @@
  * for engine-owned device inputs): a token with a NaN/Inf key element sets
  * bit 0 of the status word, one whose sum of squares overflows to +Inf sets
  * bit 1; nothing at all is written for that token (no codes, no scale).
+ * CODES and SCALES are scratch buffers: the pack pass (pack_common.glsl)
+ * writes the call's outputs only when the status word stayed 0, so one bad
+ * token leaves every output of the call untouched.
  */
 #extension GL_GOOGLE_include_directive : require
 #include "numerics.glsl"
@@ -62,6 +65,8 @@ layout(std430, set = 0, binding = CVQ_EK_STATUS) buffer Status { uint status_wor
 layout(push_constant) uniform PushConstants {
     uint n_tokens;   /* tokens in the bound views: tok < n_tokens is encoded */
     uint token_base; /* first token of this dispatch */
+    uint check_only; /* != 0: the input checks only (a call in several chunks
+                        checks every chunk before any is encoded) */
 } pc;
 
 /* Key of "no candidate": the order key of +Inf. A distance wins only when
@@ -274,6 +279,9 @@ void main() {
             atomicOr(status_word[0], 2u);
         }
         return;
+    }
+    if (pc.check_only != 0u) {
+        return; /* uniform: a push constant */
     }
 
     /* Token mode: one scale for all heads (every thread derives the same

@@ -34,7 +34,9 @@
  * and BITS are written by some invocations and read by others of the same
  * workgroup, hence `coherent`.
  *
- * STATUS (atomicOr; the host discards the whole call when it is nonzero):
+ * SIGMA is a scratch buffer too: the pack pass (pack_common.glsl) copies
+ * sigma and packs the bits only when the call's status word stayed 0.
+ * STATUS (atomicOr; the pack pass writes nothing when it is nonzero):
  *   bit 0: an input value of this (token, group) is NaN or Inf;
  *   bit 1: (inputs finite) the pre-norm sum of squares overflowed to +Inf;
  *          for bits 0 and 1 nothing at all is written for this (token, group);
@@ -75,6 +77,7 @@ layout(push_constant) uniform Push {
     uint n_tokens;   /* tokens of the call: a token index is < n_tokens        */
     uint token_base; /* token of workgroup x = token_base + gl_WorkGroupID.x   */
     float inv_F;     /* host constant fl(1.0f / (float)F)                      */
+    uint check_only; /* != 0: the input checks only (see encode_keys.comp)     */
 } pc;
 
 layout(std430, set = 0, binding = CVQ_EV_VALUES) readonly buffer Values { float values[]; };
@@ -358,6 +361,9 @@ void main() {
     ev_phase_barrier();
     if (s_bad != 0u) {
         return; /* uniform: every invocation reads the same shared value */
+    }
+    if (pc.check_only != 0u) {
+        return; /* uniform: a push constant */
     }
 
     /* ---- 4.2: x[j] = (v[j] * inv_ls[j]) * rp -- the same rounded product

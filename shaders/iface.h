@@ -36,12 +36,14 @@
 #define CVQ_EK_N        2  /* float  [Hkv][R][64]      n_a                  */
 #define CVQ_EK_G        3  /* float  [Hkv][R][64][64]  G[A][B]              */
 #define CVQ_EK_CODES    4  /* uint   [n][Hkv][R]       code 64*A+B (32-bit) */
-#define CVQ_EK_SCALES   5  /* float  [n][ns]                                */
+#define CVQ_EK_SCALES   5  /* float  [n][ns]  (a scratch buffer: the pack pass
+                              copies it out when the call's status is 0) */
 #define CVQ_EK_STATUS   6  /* uint   [1] status word (0 ok; bit 0 non-finite
                               input; bit 1 overflow), set with atomicOr   */
-/* push constants: uint n_tokens; uint token_base; (workgroup x covers
- * tokens token_base + gl_WorkGroupID.x; dispatches are split to respect
- * maxComputeWorkGroupCount) */
+/* push constants: uint n_tokens; uint token_base; uint check_only;
+ * (workgroup x covers tokens token_base + gl_WorkGroupID.x; dispatches are
+ * split to respect maxComputeWorkGroupCount; check_only != 0: run the
+ * input checks, set the status bits, write nothing else) */
 
 /* ---- encode_values.comp: one workgroup per (token, value group) -------- */
 #define CVQ_EV_VALUES   0  /* float [n][Hkv*d]                               */
@@ -55,17 +57,27 @@
 #define CVQ_EV_E        8  /* float [groups][Nc][F]                          */
 #define CVQ_EV_SCRATCH  9  /* float [n][groups][F + I + 2Nc] work space     */
 #define CVQ_EV_BITS    10  /* uint  [n][groups][Nc]  one 0/1 per code bit    */
-#define CVQ_EV_SIGMA   11  /* float [n][groups]                              */
+#define CVQ_EV_SIGMA   11  /* float [n][groups]  (scratch, as CVQ_EK_SCALES)  */
 #define CVQ_EV_STATUS  12  /* uint  [1] status word, as CVQ_EK_STATUS        */
-/* push constants: uint n_tokens; uint token_base; float inv_F; */
+/* push constants: uint n_tokens; uint token_base; float inv_F;
+ * uint check_only (as for encode_keys) */
 
-/* ---- pack_u16.comp: uint codes -> uint16 pairs, one thread per word ---- */
+/* ---- the pack kernels: the last pass of an encode, one thread per word.
+ * They write the call's outputs only when its status word is 0, so a call
+ * with one bad token writes nothing at all (the encoders put codes, bits,
+ * scales and sigma in scratch buffers first). ------------------------- */
 #define CVQ_PK_IN       0  /* uint [count]                                   */
-#define CVQ_PK_OUT      1  /* uint [ceil(count/2)] word w = in[2w] | in[2w+1]<<16 */
-/* ---- pack_bits.comp: 0/1 uints -> bit words, one thread per word ------- */
-/* (same bindings) word w bit j = in[32w + j] (bit i of the stream lives in
- * byte i/8 at position i%8: the record's little-endian bit order) */
-/* push constants for both: uint count; */
+#define CVQ_PK_OUT      1  /* uint words of the packed output                */
+#define CVQ_PK_STATUS   2  /* uint [1] the call's status word (read only)    */
+#define CVQ_PK_SIN      3  /* uint [scale_count] scales / sigma, as bits     */
+#define CVQ_PK_SOUT     4  /* uint [scale_count] their output                */
+/* pack_u16.comp: word w = in[2w] | in[2w+1]<<16 (uint16 codes).
+ * pack_bits.comp: word w bit j = in[32w + j] (bit i of the stream lives in
+ * byte i/8 at position i%8: the record's little-endian bit order).
+ * pack_codes12.comp: the 12-bit packed key-code records of docs/format.md,
+ * per_token codes -> rec_bytes bytes per token, records back to back.
+ * push constants for all three: uint count (input values); uint
+ * scale_count; uint per_token; uint rec_bytes (the last two: pack_codes12) */
 
 /* ---- attend.comp: one workgroup per (query, query head) ---------------- */
 #define CVQ_AT_Q          0  /* float [n_q][Hq][d]                           */

@@ -29,25 +29,44 @@ static cvq_status vk_list_devices(cvq_device_info *out, size_t cap, size_t *coun
     return CVQ_OK;
 }
 
-static void vk_shutdown(void *state) {
+void cvq_vk_shutdown(void *state) {
     cvq_vk *vk = state;
     if (!vk) return;
     if (vk->dev) {
         /* Nothing is in flight (every op waits), but a failed op may have
-         * left a submission behind. */
-        vk->fn.DeviceWaitIdle(vk->dev);
+         * left a submission behind. An engine's device is not ours to
+         * wait on (other threads may use its queues): the engine finishes
+         * the work it recorded through this context before freeing it
+         * (docs/vulkan.md). */
+        if (!vk->external && vk->fn.DeviceWaitIdle) vk->fn.DeviceWaitIdle(vk->dev);
         cvq_vk_tables_close(vk);
         cvq_vk_scratch_free(vk, &vk->s_codes);
         cvq_vk_scratch_free(vk, &vk->s_vscratch);
         cvq_vk_scratch_free(vk, &vk->s_bits);
         cvq_vk_scratch_free(vk, &vk->s_attend);
         cvq_vk_scratch_free(vk, &vk->s_dummy);
+        cvq_vk_scratch_free(vk, &vk->s_scales);
         cvq_vk_pipelines_close(vk);
         cvq_vk_memory_close(vk);
         cvq_vk_device_close(vk);
     }
     cvq_allocator a = vk->ctx->alloc;
     cvq__free(&a, vk);
+}
+
+cvq_status cvq_vk_state_setup(cvq_vk *vk) {
+    cvq_status st = cvq_vk_memory_init(vk);
+    if (st) return st;
+    vk->cur = vk->cmd;
+    vk->fc = cvq_vk_float_controls(&vk->caps);
+    /* Test knobs (vk_backend.h): smaller chunks and dispatches than the
+     * device needs, to exercise the splitting paths anywhere. */
+    vk->scratch_budget = (size_t)env_count("COMMVQ_VK_SCRATCH_BUDGET", CVQ_VK_SCRATCH_BUDGET);
+    if (vk->scratch_budget > CVQ_VK_SCRATCH_BUDGET) vk->scratch_budget = CVQ_VK_SCRATCH_BUDGET;
+    vk->max_groups = vk->caps.props.limits.maxComputeWorkGroupCount[0];
+    unsigned long long mg = env_count("COMMVQ_VK_MAX_GROUPS", vk->max_groups);
+    if (mg < vk->max_groups) vk->max_groups = (uint32_t)mg;
+    return CVQ_OK;
 }
 
 static cvq_status vk_init(cvq_context *ctx, int device, void **state) {
@@ -59,19 +78,11 @@ static cvq_status vk_init(cvq_context *ctx, int device, void **state) {
     vk->ctx = ctx;
     vk->proc = p;
     cvq_status st = cvq_vk_device_open(vk, device);
-    if (!st) st = cvq_vk_memory_init(vk);
+    if (!st) st = cvq_vk_state_setup(vk);
     if (st) {
-        vk_shutdown(vk);
+        cvq_vk_shutdown(vk);
         return st;
     }
-    vk->fc = cvq_vk_float_controls(&vk->caps);
-    /* Test knobs (vk_backend.h): smaller chunks and dispatches than the
-     * device needs, to exercise the splitting paths anywhere. */
-    vk->scratch_budget = (size_t)env_count("COMMVQ_VK_SCRATCH_BUDGET", CVQ_VK_SCRATCH_BUDGET);
-    if (vk->scratch_budget > CVQ_VK_SCRATCH_BUDGET) vk->scratch_budget = CVQ_VK_SCRATCH_BUDGET;
-    vk->max_groups = vk->caps.props.limits.maxComputeWorkGroupCount[0];
-    unsigned long long mg = env_count("COMMVQ_VK_MAX_GROUPS", vk->max_groups);
-    if (mg < vk->max_groups) vk->max_groups = (uint32_t)mg;
     *state = vk;
     return CVQ_OK;
 }
@@ -88,7 +99,7 @@ const cvq_backend_i cvq_backend_vulkan = {
     .name = "vulkan",
     .list_devices = vk_list_devices,
     .init = vk_init,
-    .shutdown = vk_shutdown,
+    .shutdown = cvq_vk_shutdown,
     .supports = vk_supports,
     .buffer_alloc = cvq_vk_buffer_alloc,
     .buffer_free = cvq_vk_buffer_free,

@@ -255,6 +255,8 @@ int cvq_vk_best_device(const cvq_vk_process *p) {
 
 /* ---- logical device ------------------------------------------------------------------ */
 
+static cvq_status objects_create(cvq_vk *vk);
+
 cvq_status cvq_vk_device_open(cvq_vk *vk, int index) {
     cvq_context *ctx = vk->ctx;
     const cvq_vk_process *p = vk->proc;
@@ -342,7 +344,37 @@ cvq_status cvq_vk_device_open(cvq_vk *vk, int index) {
         return CVQ_FAIL(ctx, CVQ_ERR_DEVICE, "Vulkan device %d lacks %s", index, missing);
     }
     vk->fn.GetDeviceQueue(vk->dev, (uint32_t)c->queue_family, 0, &vk->queue);
+    return objects_create(vk);
+}
 
+cvq_status cvq_vk_pool_create(cvq_vk *vk, VkDescriptorPool *out) {
+    /* The sets of one command buffer: an op takes one or two per chunk of
+     * its work (vk_ops.c) and submits early (or, recording, starts another
+     * pool) when the pool runs out. */
+    VkDescriptorPoolSize ps;
+    ps.type = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+    ps.descriptorCount = CVQ_VK_MAX_SETS * CVQ_VK_NEED_STORAGE_BUFFERS;
+    VkDescriptorPoolCreateInfo dpi;
+    memset(&dpi, 0, sizeof dpi);
+    dpi.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO;
+    dpi.maxSets = CVQ_VK_MAX_SETS;
+    dpi.poolSizeCount = 1;
+    dpi.pPoolSizes = &ps;
+    VkResult r = vk->fn.CreateDescriptorPool(vk->dev, &dpi, NULL, out);
+    if (r != VK_SUCCESS) {
+        *out = VK_NULL_HANDLE;
+        return CVQ_VK_FAIL(vk->ctx, r, "vkCreateDescriptorPool");
+    }
+    return CVQ_OK;
+}
+
+/* The context's own objects on vk->dev: command pool and buffer, fence,
+ * descriptor pool. On failure everything is released (the device too,
+ * when the context owns it). */
+static cvq_status objects_create(cvq_vk *vk) {
+    cvq_context *ctx = vk->ctx;
+    const cvq_vk_caps *c = &vk->caps;
+    VkResult r;
     cvq_status st = CVQ_OK;
     VkCommandPoolCreateInfo pci;
     memset(&pci, 0, sizeof pci);
@@ -376,23 +408,7 @@ cvq_status cvq_vk_device_open(cvq_vk *vk, int index) {
         st = CVQ_VK_FAIL(ctx, r, "vkCreateFence");
         goto fail;
     }
-    /* The sets of one command buffer: an op takes one or two per chunk of
-     * its work (vk_ops.c) and submits early when the pool runs out. */
-    VkDescriptorPoolSize ps;
-    ps.type = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
-    ps.descriptorCount = CVQ_VK_MAX_SETS * CVQ_VK_NEED_STORAGE_BUFFERS;
-    VkDescriptorPoolCreateInfo dpi;
-    memset(&dpi, 0, sizeof dpi);
-    dpi.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO;
-    dpi.maxSets = CVQ_VK_MAX_SETS;
-    dpi.poolSizeCount = 1;
-    dpi.pPoolSizes = &ps;
-    r = vk->fn.CreateDescriptorPool(vk->dev, &dpi, NULL, &vk->desc_pool);
-    if (r != VK_SUCCESS) {
-        vk->desc_pool = VK_NULL_HANDLE;
-        st = CVQ_VK_FAIL(ctx, r, "vkCreateDescriptorPool");
-        goto fail;
-    }
+    if ((st = cvq_vk_pool_create(vk, &vk->desc_pool))) goto fail;
     return CVQ_OK;
 fail:
     cvq_vk_device_close(vk);
@@ -401,13 +417,125 @@ fail:
 
 void cvq_vk_device_close(cvq_vk *vk) {
     if (!vk->dev) return;
+    if (vk->rec_pool) vk->fn.DestroyDescriptorPool(vk->dev, vk->rec_pool, NULL);
     if (vk->desc_pool) vk->fn.DestroyDescriptorPool(vk->dev, vk->desc_pool, NULL);
     if (vk->fence) vk->fn.DestroyFence(vk->dev, vk->fence, NULL);
     if (vk->cmd_pool) vk->fn.DestroyCommandPool(vk->dev, vk->cmd_pool, NULL);
-    vk->fn.DestroyDevice(vk->dev, NULL);
+    /* An engine's device is the engine's to destroy. */
+    if (!vk->external) vk->fn.DestroyDevice(vk->dev, NULL);
+    vk->rec_pool = VK_NULL_HANDLE;
     vk->desc_pool = VK_NULL_HANDLE;
     vk->fence = VK_NULL_HANDLE;
     vk->cmd_pool = VK_NULL_HANDLE;
     vk->cmd = VK_NULL_HANDLE;
     vk->dev = VK_NULL_HANDLE;
+}
+
+/* ---- an engine's device (include/commvq_vulkan.h) ------------------------------------- */
+
+/* Keeps of the device's optional features those the engine enabled (a
+ * module may only use what the VkDevice was created with). */
+static void apply_enabled(cvq_vk_caps *c, const VkPhysicalDeviceFeatures2 *f) {
+    bool f64 = false, i64 = false, i16 = false, s16 = false, s8 = false, i8 = false, h16 = false;
+    if (f && f->sType == VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2) {
+        f64 = f->features.shaderFloat64 == VK_TRUE;
+        i64 = f->features.shaderInt64 == VK_TRUE;
+        i16 = f->features.shaderInt16 == VK_TRUE;
+        for (const VkBaseInStructure *b = f->pNext; b; b = b->pNext) {
+            switch (b->sType) {
+            case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES:
+                s16 = s16 || ((const VkPhysicalDeviceVulkan11Features *)(const void *)b)->storageBuffer16BitAccess;
+                break;
+            case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES: {
+                const VkPhysicalDeviceVulkan12Features *v = (const void *)b;
+                s8 = s8 || v->storageBuffer8BitAccess;
+                i8 = i8 || v->shaderInt8;
+                h16 = h16 || v->shaderFloat16;
+                break;
+            }
+            case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_16BIT_STORAGE_FEATURES:
+                s16 = s16 || ((const VkPhysicalDevice16BitStorageFeatures *)(const void *)b)->storageBuffer16BitAccess;
+                break;
+            case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_8BIT_STORAGE_FEATURES:
+                s8 = s8 || ((const VkPhysicalDevice8BitStorageFeatures *)(const void *)b)->storageBuffer8BitAccess;
+                break;
+            case VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_FLOAT16_INT8_FEATURES: {
+                const VkPhysicalDeviceShaderFloat16Int8Features *v = (const void *)b;
+                i8 = i8 || v->shaderInt8;
+                h16 = h16 || v->shaderFloat16;
+                break;
+            }
+            default: break;
+            }
+        }
+    }
+    c->shader_float64 = c->shader_float64 && f64;
+    c->shader_int64 = c->shader_int64 && i64;
+    c->shader_int16 = c->shader_int16 && i16;
+    c->storage16 = c->storage16 && s16;
+    c->storage8 = c->storage8 && s8;
+    c->shader_int8 = c->shader_int8 && i8;
+    c->shader_float16 = c->shader_float16 && h16;
+}
+
+cvq_status cvq_vk_device_adopt(cvq_vk *vk, const cvq_vulkan_device_desc *d) {
+    cvq_context *ctx = vk->ctx;
+    cvq_vk_process *p = &vk->ext_proc;
+    memset(p, 0, sizeof *p);
+    vk->external = true;
+    PFN_vkGetInstanceProcAddr gipa = d->get_instance_proc_addr;
+    p->instance = d->instance;
+    p->instance_version = d->api_version ? d->api_version : VK_API_VERSION_1_2;
+    const char *missing = NULL;
+#define CVQ_VK_X(n)                                                          \
+    p->fn.n = (PFN_vk##n)gipa(d->instance, "vk" #n);                         \
+    if (!p->fn.n && !missing) missing = "vk" #n;
+    CVQ_VK_INSTANCE_FNS(CVQ_VK_X)
+#undef CVQ_VK_X
+    p->fn.GetPhysicalDeviceProperties2 =
+        (PFN_vkGetPhysicalDeviceProperties2)gipa(d->instance, "vkGetPhysicalDeviceProperties2");
+    p->fn.GetPhysicalDeviceFeatures2 =
+        (PFN_vkGetPhysicalDeviceFeatures2)gipa(d->instance, "vkGetPhysicalDeviceFeatures2");
+    if (!missing && !p->fn.GetPhysicalDeviceProperties2) missing = "vkGetPhysicalDeviceProperties2";
+    if (!missing && !p->fn.GetPhysicalDeviceFeatures2) missing = "vkGetPhysicalDeviceFeatures2";
+    if (missing)
+        return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT,
+                        "the engine's vkGetInstanceProcAddr gives no %s for its instance", missing);
+    p->n_phys = 1;
+    p->phys[0] = d->physical_device;
+    p->status = CVQ_OK;
+    vk->proc = p;
+    vk->index = 0;
+    vk->phys = d->physical_device;
+    cvq_vk_caps_get(p, 0, &vk->caps);
+    cvq_vk_caps *c = &vk->caps;
+
+    uint32_t nq = 0;
+    p->fn.GetPhysicalDeviceQueueFamilyProperties(vk->phys, &nq, NULL);
+    VkQueueFamilyProperties qf[32];
+    if (nq > 32) nq = 32;
+    p->fn.GetPhysicalDeviceQueueFamilyProperties(vk->phys, &nq, qf);
+    if (d->queue_family_index >= nq || !(qf[d->queue_family_index].queueFlags & VK_QUEUE_COMPUTE_BIT))
+        return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT,
+                        "queue family %u of the engine's device (%s) %s", d->queue_family_index,
+                        c->props.deviceName, d->queue_family_index >= nq ? "does not exist" : "has no compute");
+    c->queue_family = (int)d->queue_family_index;
+    if (!c->usable)
+        return CVQ_FAIL(ctx, CVQ_ERR_NO_DEVICE, "the engine's Vulkan device (%s) is not usable: %s",
+                        c->props.deviceName, c->note);
+    apply_enabled(c, d->enabled_features);
+
+    vk->dev = d->device;
+    PFN_vkGetDeviceProcAddr gdpa = p->fn.GetDeviceProcAddr;
+#define CVQ_VK_X(n)                                                          \
+    vk->fn.n = (PFN_vk##n)gdpa(vk->dev, "vk" #n);                            \
+    if (!vk->fn.n && !missing) missing = "vk" #n;
+    CVQ_VK_DEVICE_FNS(CVQ_VK_X)
+#undef CVQ_VK_X
+    if (missing) {
+        vk->dev = VK_NULL_HANDLE; /* nothing of ours exists on it yet */
+        return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT, "the engine's device gives no %s", missing);
+    }
+    vk->queue = d->queue;
+    return objects_create(vk);
 }

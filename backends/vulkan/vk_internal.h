@@ -9,6 +9,9 @@
  *                 descriptor sets, recording helpers
  *   vk_tables.c   codebook tables uploaded once per (codebook, layer)
  *   vk_ops.c      encode_keys, encode_values, attend
+ *   vk_interop.c  include/commvq_vulkan.h: contexts on an engine's device,
+ *                 engine buffers as regions, recording into the engine's
+ *                 command buffer, the deferred status
  *   vk_backend.c  the cvq_backend_i table
  * The loader is never linked: VK_NO_PROTOTYPES, every entry point comes
  * from vkGetInstanceProcAddr / vkGetDeviceProcAddr.
@@ -22,6 +25,7 @@
 #include <vulkan/vulkan.h>
 
 #include "backend.h"
+#include "commvq_vulkan.h"
 #include "vk_backend.h"
 
 /* ---- function tables ------------------------------------------------------ */
@@ -154,6 +158,7 @@ typedef enum cvq_vk_kernel_id {
     CVQ_VK_K_PACK_U16,
     CVQ_VK_K_PACK_BITS,
     CVQ_VK_K_ATTEND,
+    CVQ_VK_K_PACK_CODES12,
     CVQ_VK_K_COUNT
 } cvq_vk_kernel_id;
 
@@ -183,6 +188,20 @@ typedef struct cvq_vk_scratch {
     cvq_buffer b;
 } cvq_vk_scratch;
 
+/* Status words: one per call, each in its own slot of the status buffer
+ * (slots are minStorageBufferOffsetAlignment apart so that each binds at
+ * an aligned offset). Slot 0 serves calls that submit and wait; slots 1..
+ * go to calls recorded into an engine's command buffer, one each, until
+ * cvq_vulkan_collect_status. */
+#define CVQ_VK_STATUS_SLOTS 256u
+
+/* Something recorded work may still use: destroyed at the next collect
+ * (or at context free) instead of at once. */
+typedef struct cvq_vk_retired {
+    VkDescriptorPool pool;      /* or VK_NULL_HANDLE */
+    cvq_buffer buf;             /* or empty */
+} cvq_vk_retired;
+
 typedef struct cvq_vk {
     cvq_context *ctx;           /* for messages and the allocator            */
     const cvq_vk_process *proc;
@@ -211,17 +230,45 @@ typedef struct cvq_vk {
     /* codebook tables, most recently used first */
     struct cvq_vk_tables *tables;
     /* scratch */
-    cvq_vk_scratch s_codes, s_vscratch, s_bits, s_attend, s_dummy;
-    cvq_vk_buf status;          /* host-visible status word of the encoders  */
+    cvq_vk_scratch s_codes, s_vscratch, s_bits, s_attend, s_dummy, s_scales;
+    cvq_vk_buf status;          /* host-visible status slots of the encoders */
+    VkDeviceSize slot_stride;   /* bytes between status slots                */
     uint32_t sets_used;         /* descriptor sets taken since cmd_begin     */
+    /* the command buffer the recording helpers write to: vk->cmd, or the
+     * engine's (vk->rec) while a call records into it */
+    VkCommandBuffer cur;
+    /* engine interop (vk_interop.c) */
+    bool external;              /* device, queue, instance are the engine's  */
+    cvq_vk_process ext_proc;    /* the engine's instance and its functions   */
+    VkCommandBuffer rec;        /* engine command buffer between begin/end   */
+    bool pending;               /* recorded work not yet collected           */
+    uint32_t slots_used;        /* status slots 1..slots_used are recorded   */
+    VkDescriptorPool rec_pool;  /* descriptor sets of recorded work          */
+    uint32_t rec_sets_used;
+    cvq_vk_retired *retired;
+    size_t n_retired, cap_retired;
 } cvq_vk;
+
+/* ---- the context state (vk_backend.c) ----------------------------------------------- */
+
+/* After the device is open: memory mode, float controls, test knobs. */
+cvq_status cvq_vk_state_setup(cvq_vk *vk);
+/* Releases everything of the state (the backend's shutdown entry). */
+void cvq_vk_shutdown(void *state);
 
 /* ---- device (vk_device.c) ------------------------------------------------------- */
 
 /* Opens physical device `index` (-1: the best usable one) into vk. On
  * failure everything created is released. */
 cvq_status cvq_vk_device_open(cvq_vk *vk, int index);
+/* Adopts an engine's device (vk->external): fills vk->ext_proc, caps and
+ * function tables from the engine's handles and creates the context's own
+ * objects on its device (never the device itself). Released by close. */
+cvq_status cvq_vk_device_adopt(cvq_vk *vk, const cvq_vulkan_device_desc *d);
 void cvq_vk_device_close(cvq_vk *vk);
+/* A descriptor pool of CVQ_VK_MAX_SETS sets of up to
+ * CVQ_VK_NEED_STORAGE_BUFFERS storage buffers. */
+cvq_status cvq_vk_pool_create(cvq_vk *vk, VkDescriptorPool *out);
 /* The device index `-1` means: best usable (discrete > integrated >
  * virtual > other > CPU); -1 if none. */
 int cvq_vk_best_device(const cvq_vk_process *p);
@@ -243,6 +290,13 @@ static inline cvq_vk_buf *cvq_vk_buf_of(const cvq_buffer *b) {
 }
 /* The host-visible, mapped status buffer (created on first use). */
 cvq_status cvq_vk_status_buffer(cvq_vk *vk);
+/* Frees buf now, or, while recorded work is pending (vk->pending), puts it
+ * on the retired list (room reserved by cvq_vk_retire_reserve). */
+void cvq_vk_buffer_release(cvq_vk *vk, cvq_buffer *buf);
+/* Room for `n` more retired entries (so that retiring never fails). */
+cvq_status cvq_vk_retire_reserve(cvq_vk *vk, size_t n);
+/* Destroys everything retired (the recorded work has completed). */
+void cvq_vk_retired_free(cvq_vk *vk);
 /* Makes s at least `bytes` long (contents not kept). */
 cvq_status cvq_vk_scratch_reserve(cvq_vk *vk, cvq_vk_scratch *s, size_t bytes);
 void cvq_vk_scratch_free(cvq_vk *vk, cvq_vk_scratch *s);
@@ -333,6 +387,23 @@ void cvq_vk_tables_close(cvq_vk *vk);
 cvq_status cvq_vk_encode_keys(cvq_context *ctx, const cvq_encode_keys_args *a);
 cvq_status cvq_vk_encode_values(cvq_context *ctx, const cvq_encode_values_args *a);
 cvq_status cvq_vk_attend(cvq_context *ctx, const cvq_attend_args *a);
+
+/* How an op runs: the host API's ops submit and wait (record = false,
+ * slot 0); interop calls may record into vk->rec instead, get a status
+ * slot of their own, and check their (device-resident) input in a pass of
+ * its own before anything is encoded when the call runs in chunks. */
+typedef struct cvq_vk_run {
+    bool record;
+    bool check_pass;
+    bool packed12;      /* encode keys: 12-bit records instead of uint16 */
+    uint32_t slot;
+} cvq_vk_run;
+cvq_status cvq_vk_encode_keys_run(cvq_vk *vk, const cvq_encode_keys_args *a, const cvq_vk_run *run);
+cvq_status cvq_vk_encode_values_run(cvq_vk *vk, const cvq_encode_values_args *a, const cvq_vk_run *run);
+cvq_status cvq_vk_attend_run(cvq_vk *vk, const cvq_attend_args *a, const cvq_vk_run *run);
+/* The status of an encode call from its status word (0: CVQ_OK). */
+cvq_status cvq_vk_status_of_word(cvq_vk *vk, uint32_t word, const char *what);
+
 /* The sizes an op instance needs, checked against the device (supports). */
 cvq_status cvq_vk_op_supported(cvq_vk *vk, const cvq_op_desc *d);
 

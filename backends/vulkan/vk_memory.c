@@ -147,14 +147,62 @@ static void buf_destroy(cvq_vk *vk, cvq_vk_buf *b) {
 }
 
 void cvq_vk_memory_close(cvq_vk *vk) {
+    cvq_vk_retired_free(vk);
+    cvq__free(&vk->ctx->alloc, vk->retired);
+    vk->retired = NULL;
+    vk->cap_retired = 0;
     buf_destroy(vk, &vk->staging);
     buf_destroy(vk, &vk->status);
 }
 
 cvq_status cvq_vk_status_buffer(cvq_vk *vk) {
     if (vk->status.buf) return CVQ_OK;
-    return buf_create(vk, 256, VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT,
-                      0, &vk->status);
+    /* One slot per call, each at an offset a storage buffer may bind at. */
+    VkDeviceSize stride = vk->caps.props.limits.minStorageBufferOffsetAlignment;
+    if (stride < 4) stride = 4;
+    cvq_status st = buf_create(vk, stride * CVQ_VK_STATUS_SLOTS,
+                               VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT, 0,
+                               &vk->status);
+    if (st) return st;
+    vk->slot_stride = stride;
+    memset(vk->status.map, 0, (size_t)(stride * CVQ_VK_STATUS_SLOTS));
+    return CVQ_OK;
+}
+
+/* ---- work that recorded commands may still use -------------------------------------- */
+
+cvq_status cvq_vk_retire_reserve(cvq_vk *vk, size_t n) {
+    if (vk->cap_retired - vk->n_retired >= n) return CVQ_OK;
+    size_t cap = vk->cap_retired ? 2 * vk->cap_retired : 32;
+    while (cap - vk->n_retired < n) cap *= 2;
+    cvq_vk_retired *r = cvq__calloc(&vk->ctx->alloc, cap, sizeof *r);
+    if (!r) return CVQ_FAIL(vk->ctx, CVQ_ERR_OUT_OF_MEMORY, "retired-object list of %zu entries", cap);
+    if (vk->n_retired) memcpy(r, vk->retired, vk->n_retired * sizeof *r);
+    cvq__free(&vk->ctx->alloc, vk->retired);
+    vk->retired = r;
+    vk->cap_retired = cap;
+    return CVQ_OK;
+}
+
+void cvq_vk_buffer_release(cvq_vk *vk, cvq_buffer *buf) {
+    if (!cvq_vk_buf_of(buf)) return;
+    if (vk->pending && vk->n_retired < vk->cap_retired) {
+        cvq_vk_retired *r = &vk->retired[vk->n_retired++];
+        memset(r, 0, sizeof *r);
+        r->buf = *buf;
+        memset(buf, 0, sizeof *buf);
+        return;
+    }
+    cvq_vk_buffer_free(vk, buf);
+}
+
+void cvq_vk_retired_free(cvq_vk *vk) {
+    for (size_t i = 0; i < vk->n_retired; i++) {
+        cvq_vk_retired *r = &vk->retired[i];
+        if (r->pool) vk->fn.DestroyDescriptorPool(vk->dev, r->pool, NULL);
+        cvq_vk_buffer_free(vk, &r->buf);
+    }
+    vk->n_retired = 0;
 }
 
 /* ---- the contract's buffer entries ---------------------------------------------------- */
@@ -278,7 +326,7 @@ cvq_status cvq_vk_scratch_reserve(cvq_vk *vk, cvq_vk_scratch *s, size_t bytes) {
     size_t want = bytes < 256 ? 256 : bytes;
     size_t grown = s->b.size + s->b.size / 2;
     if (grown > want && grown <= vk->caps.props.limits.maxStorageBufferRange) want = grown;
-    cvq_vk_buffer_free(vk, &s->b);
+    cvq_vk_buffer_release(vk, &s->b); /* recorded work may still use it */
     return cvq_vk_buffer_alloc(vk, want, &s->b);
 }
 
@@ -300,6 +348,7 @@ cvq_status cvq_vk_cmd_begin(cvq_vk *vk) {
     bi.flags = VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT;
     r = vk->fn.BeginCommandBuffer(vk->cmd, &bi);
     if (r != VK_SUCCESS) return CVQ_VK_FAIL(ctx, r, "vkBeginCommandBuffer");
+    vk->cur = vk->cmd;
     return CVQ_OK;
 }
 
@@ -338,7 +387,7 @@ void cvq_vk_cmd_barrier(cvq_vk *vk) {
     mb.dstAccessMask = VK_ACCESS_SHADER_READ_BIT | VK_ACCESS_SHADER_WRITE_BIT |
                        VK_ACCESS_TRANSFER_READ_BIT | VK_ACCESS_TRANSFER_WRITE_BIT;
     const VkPipelineStageFlags st = VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT;
-    vk->fn.CmdPipelineBarrier(vk->cmd, st, st, 0, 1, &mb, 0, NULL, 0, NULL);
+    vk->fn.CmdPipelineBarrier(vk->cur, st, st, 0, 1, &mb, 0, NULL, 0, NULL);
 }
 
 void cvq_vk_cmd_barrier_host(cvq_vk *vk) {
@@ -347,7 +396,7 @@ void cvq_vk_cmd_barrier_host(cvq_vk *vk) {
     mb.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER;
     mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT | VK_ACCESS_TRANSFER_WRITE_BIT;
     mb.dstAccessMask = VK_ACCESS_HOST_READ_BIT;
-    vk->fn.CmdPipelineBarrier(vk->cmd,
+    vk->fn.CmdPipelineBarrier(vk->cur,
                               VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | VK_PIPELINE_STAGE_TRANSFER_BIT,
                               VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0, NULL, 0, NULL);
 }

@@ -214,20 +214,28 @@ static void pack_spec(cvq_vk_spec *s) {
 }
 
 /* The per-token items of each op, in the order used by the ops below. */
-static size_t keys_items(const cvq_vk *vk, const cvq_geometry *g, per_item it[4]) {
-    const size_t HR = (size_t)g->n_kv_heads * g->key_stages;
-    const size_t wg_words = (size_t)vk->max_groups * CVQ_VK_WG;
-    it[0] = (per_item){(size_t)cvq__kv_dims(g) * 4, storage_range(vk), true}; /* keys          */
-    it[1] = (per_item){HR * 4, scratch_limit(vk), false};                      /* uint codes    */
-    it[2] = (per_item){(size_t)cvq__key_scale_count(g) * 4, storage_range(vk), true}; /* scales */
-    /* uint16 codes out; pack_u16 has no base index: one dispatch per chunk */
-    size_t lim = storage_range(vk);
-    if (wg_words * 4 < lim) lim = wg_words * 4;
-    it[3] = (per_item){HR * 2, lim, true};
-    return 4;
+/* Bytes of one token's 12-bit code record (docs/format.md). */
+static size_t code_record_bytes(const cvq_geometry *g) {
+    return ((size_t)g->n_kv_heads * g->key_stages * 12 + 7) / 8;
 }
 
-static size_t values_items(const cvq_vk *vk, const cvq_geometry *g, per_item it[5]) {
+static size_t keys_items(const cvq_vk *vk, const cvq_geometry *g, bool packed12, per_item it[5]) {
+    const size_t HR = (size_t)g->n_kv_heads * g->key_stages;
+    const size_t wg_words = (size_t)vk->max_groups * CVQ_VK_WG;
+    const size_t ns = cvq__key_scale_count(g);
+    it[0] = (per_item){(size_t)cvq__kv_dims(g) * 4, storage_range(vk), true}; /* keys          */
+    it[1] = (per_item){HR * 4, scratch_limit(vk), false};                      /* uint codes    */
+    it[2] = (per_item){ns * 4, storage_range(vk), true};                       /* scales out    */
+    /* codes out (uint16, or 12-bit records); the pack kernels have no base
+     * index: one dispatch per chunk */
+    size_t lim = storage_range(vk);
+    if (wg_words * 4 < lim) lim = wg_words * 4;
+    it[3] = (per_item){packed12 ? code_record_bytes(g) : HR * 2, lim, true};
+    it[4] = (per_item){ns * 4, scratch_limit(vk), false};                      /* scale scratch */
+    return 5;
+}
+
+static size_t values_items(const cvq_vk *vk, const cvq_geometry *g, per_item it[6]) {
     const size_t G = cvq__value_groups(g), F = g->value_group_width, I = g->value_hidden;
     const size_t Nc = g->value_bits;
     const size_t wg_words = (size_t)vk->max_groups * CVQ_VK_WG;
@@ -238,7 +246,8 @@ static size_t values_items(const cvq_vk *vk, const cvq_geometry *g, per_item it[
     size_t lim = storage_range(vk);
     if (wg_words * 4 < lim) lim = wg_words * 4;
     it[4] = (per_item){G * Nc / 8, lim, true};                                /* packed bits   */
-    return 5;
+    it[5] = (per_item){G * 4, scratch_limit(vk), false};                      /* sigma scratch */
+    return 6;
 }
 
 static size_t attend_items(const cvq_vk *vk, const cvq_geometry *g, size_t n_tok, per_item it[4]) {
@@ -290,7 +299,7 @@ cvq_status cvq_vk_op_supported(cvq_vk *vk, const cvq_op_desc *d) {
         if ((st = cvq_vk_kernel_check(vk, keys ? CVQ_VK_K_ENCODE_KEYS : CVQ_VK_K_ENCODE_VALUES))) return st;
         if ((st = cvq_vk_kernel_check(vk, keys ? CVQ_VK_K_PACK_U16 : CVQ_VK_K_PACK_BITS))) return st;
         if ((st = check_tables(vk, g))) return st;
-        n_it = keys ? keys_items(vk, g, it) : values_items(vk, g, it);
+        n_it = keys ? keys_items(vk, g, false, it) : values_items(vk, g, it);
         if (d->n_tokens && plan_chunk(vk, d->n_tokens, it, n_it) == 0) return too_large(vk, name, d->n_tokens);
         loop_case lc = {d->op, g, 0, 0, 0};
         size_t need;
@@ -333,10 +342,19 @@ cvq_status cvq_vk_op_supported(cvq_vk *vk, const cvq_op_desc *d) {
 }
 
 /* Push-constant blocks (shaders/iface.h). */
+typedef struct ek_push {
+    uint32_t n_tokens, token_base, check_only;
+} ek_push;
+
 typedef struct ev_push {
     uint32_t n_tokens, token_base;
     float inv_F;
+    uint32_t check_only;
 } ev_push;
+
+typedef struct pk_push {
+    uint32_t count, scale_count, per_token, rec_bytes;
+} pk_push;
 
 typedef struct at_push {
     uint32_t n_q, n_sink, n_comp, n_win, q_rotated;
@@ -352,9 +370,25 @@ static cvq_view slice(cvq_view v, size_t first, size_t stride) {
     return v;
 }
 
-/* Makes room for `sets` more descriptor sets in this command buffer,
- * submitting what is recorded so far when the pool is short. */
+/* Makes room for `sets` more descriptor sets: submitting what is recorded
+ * so far when the pool is short, or, recording into an engine's command
+ * buffer (which runs later), retiring the full pool for a fresh one. */
 static cvq_status need_sets(cvq_vk *vk, uint32_t sets) {
+    if (vk->cur == vk->rec && vk->rec) {
+        if (vk->rec_pool && vk->rec_sets_used + sets <= CVQ_VK_MAX_SETS) return CVQ_OK;
+        cvq_status st = cvq_vk_retire_reserve(vk, 1);
+        if (st) return st;
+        VkDescriptorPool np;
+        if ((st = cvq_vk_pool_create(vk, &np))) return st;
+        if (vk->rec_pool) {
+            cvq_vk_retired *r = &vk->retired[vk->n_retired++];
+            memset(r, 0, sizeof *r);
+            r->pool = vk->rec_pool;
+        }
+        vk->rec_pool = np;
+        vk->rec_sets_used = 0;
+        return CVQ_OK;
+    }
     if (vk->sets_used + sets <= CVQ_VK_MAX_SETS) return CVQ_OK;
     cvq_vk_cmd_barrier(vk);
     cvq_status st = cvq_vk_cmd_submit_wait(vk);
@@ -374,7 +408,7 @@ static void dispatch_split(cvq_vk *vk, cvq_vk_kernel_id k, void *push, uint32_t 
         uint32_t base = (uint32_t)first;
         memcpy((char *)push + base_at, &base, 4);
         cvq_vk_cmd_push(vk, k, push, push_bytes);
-        vk->fn.CmdDispatch(vk->cmd, (uint32_t)m, y, 1);
+        vk->fn.CmdDispatch(vk->cur, (uint32_t)m, y, 1);
     }
 }
 
@@ -384,26 +418,36 @@ static cvq_status range_buf(cvq_vk *vk, const cvq_buffer *b, cvq_vk_range *r) {
     return cvq_vk_range_of_buf(vk, b, r);
 }
 
-static void range_status(cvq_vk *vk, cvq_vk_range *r) {
+/* The status word of a call: slot `slot` of the status buffer. */
+static void range_status(cvq_vk *vk, uint32_t slot, cvq_vk_range *r) {
     r->buf = vk->status.buf;
-    r->offset = 0;
+    r->offset = (VkDeviceSize)slot * vk->slot_stride;
     r->range = 4;
 }
 
-/* Zeroes the status word (before the submission that uses it). */
-static void status_clear(cvq_vk *vk) { memset(vk->status.map, 0, 4); }
+/* Zeroes the call's status word on the device, at the start of the call's
+ * commands (so that a command buffer submitted again starts clean), and
+ * makes the zero visible to the kernels. */
+static void status_clear(cvq_vk *vk, uint32_t slot) {
+    vk->fn.CmdFillBuffer(vk->cur, vk->status.buf, (VkDeviceSize)slot * vk->slot_stride, 4, 0);
+    cvq_vk_cmd_barrier(vk);
+}
 
-static cvq_status status_check(cvq_vk *vk, const char *op) {
+static uint32_t status_word(const cvq_vk *vk, uint32_t slot) {
     uint32_t s;
-    memcpy(&s, vk->status.map, 4);
+    memcpy(&s, (const char *)vk->status.map + (size_t)slot * vk->slot_stride, 4);
+    return s;
+}
+
+/* The status of a finished call from its word (also used by
+ * cvq_vulkan_collect_status through cvq_vk_status_of_word). */
+static cvq_status status_check(cvq_vk *vk, uint32_t s, const char *op) {
     if (s == 0) return CVQ_OK;
     if (s & 4u)
         return CVQ_FAIL(vk->ctx, CVQ_ERR_DEVICE,
                         "vulkan %s: device %u (%s) stopped the kernel's loops early (status 0x%x: a "
                         "driver loop limit the backend's estimate missed); nothing was written", op,
                         vk->index, vk->caps.props.deviceName, s);
-    /* The core checked the inputs already: the kernels disagreeing means a
-     * device problem (or an input changed under us); nothing is returned. */
     if (s & 1u)
         return CVQ_FAIL(vk->ctx, CVQ_ERR_NONFINITE_INPUT,
                         "vulkan %s: the kernel found NaN or Inf in its input; nothing was written", op);
@@ -411,155 +455,270 @@ static cvq_status status_check(cvq_vk *vk, const char *op) {
                     "vulkan %s: a sum of squares overflowed in the kernel; nothing was written", op);
 }
 
-/* Pack pass: `count` elements of the uint scratch `in` into `out`, one
- * thread per output word (pack_u16: 2 elements a word, pack_bits: 32). */
-static cvq_status record_pack(cvq_vk *vk, cvq_vk_kernel_id k, const cvq_vk_spec *spec, const cvq_buffer *in,
-                              cvq_view out, size_t count, size_t per_word) {
+cvq_status cvq_vk_status_of_word(cvq_vk *vk, uint32_t s, const char *what) { return status_check(vk, s, what); }
+
+/* Pack pass of an encode chunk: `count` elements of the uint scratch `in`
+ * into `out` (pack_u16: 2 a word, pack_bits: 32, pack_codes12: records of
+ * rec_bytes per `per_token` codes), and the chunk's `scale_count` scales
+ * (or sigma) from scratch `sin` to `sout`, all only if the call's status
+ * word (slot) is 0. */
+static cvq_status record_pack(cvq_vk *vk, cvq_vk_kernel_id k, const cvq_buffer *in, cvq_view out, size_t count,
+                              size_t words, uint32_t slot, const cvq_buffer *sin, cvq_view sout,
+                              size_t scale_count, size_t per_token, size_t rec_bytes) {
+    cvq_vk_spec spec;
+    pack_spec(&spec);
     VkPipeline p;
-    cvq_status st = cvq_vk_pipeline(vk, k, spec, &p);
+    cvq_status st = cvq_vk_pipeline(vk, k, &spec, &p);
     if (st) return st;
-    cvq_vk_range r[2];
-    if ((st = range_buf(vk, in, &r[0]))) return st;
-    if ((st = range_of(vk, out, &r[1]))) return st;
+    cvq_vk_range r[5];
+    if ((st = range_buf(vk, in, &r[CVQ_PK_IN]))) return st;
+    if ((st = range_of(vk, out, &r[CVQ_PK_OUT]))) return st;
+    range_status(vk, slot, &r[CVQ_PK_STATUS]);
+    if ((st = range_buf(vk, sin, &r[CVQ_PK_SIN]))) return st;
+    if ((st = range_of(vk, sout, &r[CVQ_PK_SOUT]))) return st;
     VkDescriptorSet set;
-    if ((st = cvq_vk_descriptors(vk, k, r, 2, &set))) return st;
+    if ((st = cvq_vk_descriptors(vk, k, r, 5, &set))) return st;
     cvq_vk_cmd_bind(vk, k, p, set);
-    uint32_t push[1] = {(uint32_t)count};
-    cvq_vk_cmd_push(vk, k, push, sizeof push);
-    const size_t words = (count + per_word - 1) / per_word;
-    vk->fn.CmdDispatch(vk->cmd, (uint32_t)((words + CVQ_VK_WG - 1) / CVQ_VK_WG), 1, 1);
+    pk_push push = {(uint32_t)count, (uint32_t)scale_count, (uint32_t)per_token, (uint32_t)rec_bytes};
+    cvq_vk_cmd_push(vk, k, &push, sizeof push);
+    size_t groups = (words + CVQ_VK_WG - 1) / CVQ_VK_WG;
+    if (groups == 0) groups = 1; /* the scales still need copying */
+    vk->fn.CmdDispatch(vk->cur, (uint32_t)groups, 1, 1);
     return CVQ_OK;
+}
+
+/* Starts an op's commands: the context's command buffer (begun), or the
+ * engine's (vk->rec). Then a barrier: earlier compute/transfer writes on
+ * the queue become visible to this op. */
+static cvq_status op_begin(cvq_vk *vk, const cvq_vk_run *run) {
+    if (run->record) {
+        vk->cur = vk->rec;
+        vk->pending = true;
+    } else {
+        cvq_status st = cvq_vk_cmd_begin(vk);
+        if (st) return st;
+    }
+    cvq_vk_cmd_barrier(vk);
+    return CVQ_OK;
+}
+
+/* Ends an op: its writes visible to later compute/transfer work and to
+ * the host, then (not recording) submit and wait. */
+static cvq_status op_end(cvq_vk *vk, const cvq_vk_run *run) {
+    cvq_vk_cmd_barrier(vk);
+    cvq_vk_cmd_barrier_host(vk);
+    if (run->record) {
+        vk->cur = vk->cmd;
+        return CVQ_OK;
+    }
+    return cvq_vk_cmd_submit_wait(vk);
+}
+
+/* An op that failed while recording: immediate work is abandoned (the next
+ * cmd_begin resets it); commands already recorded into an engine's command
+ * buffer cannot be taken back, so the failure is final for that buffer
+ * (documented: the engine must not submit it). */
+static cvq_status op_abort(cvq_vk *vk, cvq_status st) {
+    vk->cur = vk->cmd;
+    return st;
 }
 
 /* ---- encode_keys ---------------------------------------------------------------------------- */
 
+static const cvq_vk_run k_immediate = {false, false, false, 0};
+
 cvq_status cvq_vk_encode_keys(cvq_context *ctx, const cvq_encode_keys_args *a) {
-    cvq_vk *vk = ctx->be_state;
+    return cvq_vk_encode_keys_run(ctx->be_state, a, &k_immediate);
+}
+
+cvq_status cvq_vk_encode_keys_run(cvq_vk *vk, const cvq_encode_keys_args *a, const cvq_vk_run *run) {
     const cvq_geometry *g = a->lv->g;
     const size_t n = a->n;
     if (n == 0) return CVQ_OK;
     cvq_op_desc d = {CVQ_OP_ENCODE_KEYS, g, n, 0};
     cvq_status st = cvq_vk_op_supported(vk, &d);
     if (st) return st;
-    per_item it[4];
-    size_t n_it = keys_items(vk, g, it);
+    if (run->packed12 && (st = cvq_vk_kernel_check(vk, CVQ_VK_K_PACK_CODES12))) return st;
+    per_item it[5];
+    size_t n_it = keys_items(vk, g, run->packed12, it);
     const size_t chunk = plan_chunk(vk, n, it, n_it);
+    if (chunk == 0) return too_large(vk, "encode_keys", n);
     const size_t HR = (size_t)g->n_kv_heads * g->key_stages;
+    const size_t ns = cvq__key_scale_count(g);
+    const size_t kcb = code_record_bytes(g);
 
     const loop_case lc = {CVQ_OP_ENCODE_KEYS, g, 0, 0, 0};
     size_t need;
     const uint32_t wg = choose_wg(vk, &lc, &need); /* nonzero: checked by supported() */
 
+    if ((run->record || vk->pending) && (st = cvq_vk_retire_reserve(vk, 2 * CVQ_VK_T_COUNT + 8))) return st;
     const cvq_vk_tables *tb;
     if ((st = cvq_vk_tables_get(vk, a->cb, a->lv, CVQ_VK_USES_KEYS, &tb))) return st;
     if ((st = cvq_vk_scratch_reserve(vk, &vk->s_codes, chunk * HR * 4))) return st;
+    if ((st = cvq_vk_scratch_reserve(vk, &vk->s_scales, chunk * ns * 4))) return st;
     if ((st = cvq_vk_status_buffer(vk))) return st;
-    cvq_vk_spec spec, spec_pack;
+    cvq_vk_spec spec;
     spec_of(g, wg, &spec);
-    pack_spec(&spec_pack);
     VkPipeline pe;
     if ((st = cvq_vk_pipeline(vk, CVQ_VK_K_ENCODE_KEYS, &spec, &pe))) return st;
+    const cvq_vk_kernel_id pk = run->packed12 ? CVQ_VK_K_PACK_CODES12 : CVQ_VK_K_PACK_U16;
+    VkPipeline pp;
+    cvq_vk_spec spec_pack;
+    pack_spec(&spec_pack);
+    if ((st = cvq_vk_pipeline(vk, pk, &spec_pack, &pp))) return st;
 
-    status_clear(vk);
-    if ((st = cvq_vk_cmd_begin(vk))) return st;
-    cvq_vk_cmd_barrier(vk);
+    if ((st = op_begin(vk, run))) return op_abort(vk, st);
+    status_clear(vk, run->slot);
+    /* The encoder's bindings of chunk t0 (m tokens). */
+#define EK_RANGES(t0)                                                                                  \
+    do {                                                                                               \
+        st = range_of(vk, slice(a->keys, (t0), it[0].stride), &r[CVQ_EK_KEYS]);                       \
+        if (!st) st = range_buf(vk, &tb->t[CVQ_VK_T_KEY_W], &r[CVQ_EK_W]);                          \
+        if (!st) st = range_buf(vk, &tb->t[CVQ_VK_T_KEY_N], &r[CVQ_EK_N]);                          \
+        if (!st) st = range_buf(vk, &tb->t[CVQ_VK_T_KEY_G], &r[CVQ_EK_G]);                          \
+        if (!st) st = range_buf(vk, &vk->s_codes.b, &r[CVQ_EK_CODES]);                              \
+        if (!st) st = range_buf(vk, &vk->s_scales.b, &r[CVQ_EK_SCALES]);                            \
+        range_status(vk, run->slot, &r[CVQ_EK_STATUS]);                                              \
+    } while (0)
+    if (run->check_pass && chunk < n) {
+        /* Inputs the host has not seen, in several chunks: check them all
+         * before the first chunk's outputs are written. */
+        for (size_t t0 = 0; t0 < n && !st; t0 += chunk) {
+            const size_t m = n - t0 < chunk ? n - t0 : chunk;
+            if ((st = need_sets(vk, 1))) break;
+            cvq_vk_range r[7];
+            EK_RANGES(t0);
+            VkDescriptorSet set;
+            if (!st) st = cvq_vk_descriptors(vk, CVQ_VK_K_ENCODE_KEYS, r, 7, &set);
+            if (st) break;
+            cvq_vk_cmd_bind(vk, CVQ_VK_K_ENCODE_KEYS, pe, set);
+            ek_push push = {(uint32_t)m, 0, 1};
+            dispatch_split(vk, CVQ_VK_K_ENCODE_KEYS, &push, sizeof push, offsetof(ek_push, token_base), m, 1);
+        }
+        cvq_vk_cmd_barrier(vk);
+    }
     for (size_t t0 = 0; t0 < n && !st; t0 += chunk) {
         const size_t m = n - t0 < chunk ? n - t0 : chunk;
         if ((st = need_sets(vk, 2))) break;
         cvq_vk_range r[7];
-        st = range_of(vk, slice(a->keys, t0, it[0].stride), &r[CVQ_EK_KEYS]);
-        if (!st) st = range_buf(vk, &tb->t[CVQ_VK_T_KEY_W], &r[CVQ_EK_W]);
-        if (!st) st = range_buf(vk, &tb->t[CVQ_VK_T_KEY_N], &r[CVQ_EK_N]);
-        if (!st) st = range_buf(vk, &tb->t[CVQ_VK_T_KEY_G], &r[CVQ_EK_G]);
-        if (!st) st = range_buf(vk, &vk->s_codes.b, &r[CVQ_EK_CODES]);
-        if (!st) st = range_of(vk, slice(a->scales, t0, it[2].stride), &r[CVQ_EK_SCALES]);
-        range_status(vk, &r[CVQ_EK_STATUS]);
+        EK_RANGES(t0);
         VkDescriptorSet set;
         if (!st) st = cvq_vk_descriptors(vk, CVQ_VK_K_ENCODE_KEYS, r, 7, &set);
         if (st) break;
         cvq_vk_cmd_bind(vk, CVQ_VK_K_ENCODE_KEYS, pe, set);
-        uint32_t push[2] = {(uint32_t)m, 0};
-        dispatch_split(vk, CVQ_VK_K_ENCODE_KEYS, push, sizeof push, 4, m, 1);
+        ek_push push = {(uint32_t)m, 0, 0};
+        dispatch_split(vk, CVQ_VK_K_ENCODE_KEYS, &push, sizeof push, offsetof(ek_push, token_base), m, 1);
         cvq_vk_cmd_barrier(vk);
-        st = record_pack(vk, CVQ_VK_K_PACK_U16, &spec_pack, &vk->s_codes.b, slice(a->codes, t0, it[3].stride),
-                         m * HR, 2);
+        const size_t words = run->packed12 ? (m * kcb + 3) / 4 : (m * HR + 1) / 2;
+        st = record_pack(vk, pk, &vk->s_codes.b, slice(a->codes, t0, it[3].stride), m * HR, words, run->slot,
+                         &vk->s_scales.b, slice(a->scales, t0, it[2].stride), m * ns, HR, kcb);
         cvq_vk_cmd_barrier(vk); /* the next chunk reuses the scratch */
     }
-    if (st) {
-        /* Recorded work is abandoned: the next cmd_begin resets it. */
-        return st;
-    }
-    cvq_vk_cmd_barrier_host(vk);
-    if ((st = cvq_vk_cmd_submit_wait(vk))) return st;
-    return status_check(vk, "encode_keys");
+#undef EK_RANGES
+    if (st) return op_abort(vk, st);
+    if ((st = op_end(vk, run))) return st;
+    if (run->record) return CVQ_OK;
+    return status_check(vk, status_word(vk, run->slot), "encode_keys");
 }
 
 /* ---- encode_values ------------------------------------------------------------------------- */
 
 cvq_status cvq_vk_encode_values(cvq_context *ctx, const cvq_encode_values_args *a) {
-    cvq_vk *vk = ctx->be_state;
+    return cvq_vk_encode_values_run(ctx->be_state, a, &k_immediate);
+}
+
+cvq_status cvq_vk_encode_values_run(cvq_vk *vk, const cvq_encode_values_args *a, const cvq_vk_run *run) {
     const cvq_geometry *g = a->lv->g;
     const size_t n = a->n;
     if (n == 0) return CVQ_OK;
     cvq_op_desc d = {CVQ_OP_ENCODE_VALUES, g, n, 0};
     cvq_status st = cvq_vk_op_supported(vk, &d);
     if (st) return st;
-    per_item it[5];
+    per_item it[6];
     size_t n_it = values_items(vk, g, it);
     const size_t chunk = plan_chunk(vk, n, it, n_it);
+    if (chunk == 0) return too_large(vk, "encode_values", n);
     const uint32_t G = cvq__value_groups(g);
 
     const loop_case lc = {CVQ_OP_ENCODE_VALUES, g, 0, 0, 0};
     size_t need;
     const uint32_t wg = choose_wg(vk, &lc, &need); /* nonzero: checked by supported() */
 
+    if ((run->record || vk->pending) && (st = cvq_vk_retire_reserve(vk, 2 * CVQ_VK_T_COUNT + 8))) return st;
     const cvq_vk_tables *tb;
     if ((st = cvq_vk_tables_get(vk, a->cb, a->lv, CVQ_VK_USES_VALUES, &tb))) return st;
     if ((st = cvq_vk_scratch_reserve(vk, &vk->s_vscratch, chunk * it[1].stride))) return st;
     if ((st = cvq_vk_scratch_reserve(vk, &vk->s_bits, chunk * it[2].stride))) return st;
+    if ((st = cvq_vk_scratch_reserve(vk, &vk->s_scales, chunk * it[5].stride))) return st;
     if ((st = cvq_vk_status_buffer(vk))) return st;
     cvq_vk_spec spec, spec_pack;
     spec_of(g, wg, &spec);
     pack_spec(&spec_pack);
-    VkPipeline pe;
+    VkPipeline pe, pp;
     if ((st = cvq_vk_pipeline(vk, CVQ_VK_K_ENCODE_VALUES, &spec, &pe))) return st;
+    if ((st = cvq_vk_pipeline(vk, CVQ_VK_K_PACK_BITS, &spec_pack, &pp))) return st;
 
-    status_clear(vk);
-    if ((st = cvq_vk_cmd_begin(vk))) return st;
-    cvq_vk_cmd_barrier(vk);
+    static const cvq_vk_tab tabs[] = {CVQ_VK_T_INV_LS, CVQ_VK_T_LN_W, CVQ_VK_T_LN_B, CVQ_VK_T_W1,
+                                      CVQ_VK_T_B1, CVQ_VK_T_W2, CVQ_VK_T_B2, CVQ_VK_T_E};
+    if ((st = op_begin(vk, run))) return op_abort(vk, st);
+    status_clear(vk, run->slot);
+#define EV_RANGES(t0)                                                                                  \
+    do {                                                                                               \
+        st = range_of(vk, slice(a->values, (t0), it[0].stride), &r[CVQ_EV_VALUES]);                   \
+        for (int i_ = 0; i_ < 8 && !st; i_++) st = range_buf(vk, &tb->t[tabs[i_]], &r[CVQ_EV_INV_LS + i_]); \
+        if (!st) st = range_buf(vk, &vk->s_vscratch.b, &r[CVQ_EV_SCRATCH]);                          \
+        if (!st) st = range_buf(vk, &vk->s_bits.b, &r[CVQ_EV_BITS]);                                 \
+        if (!st) st = range_buf(vk, &vk->s_scales.b, &r[CVQ_EV_SIGMA]);                              \
+        range_status(vk, run->slot, &r[CVQ_EV_STATUS]);                                              \
+    } while (0)
+    if (run->check_pass && chunk < n) {
+        for (size_t t0 = 0; t0 < n && !st; t0 += chunk) {
+            const size_t m = n - t0 < chunk ? n - t0 : chunk;
+            if ((st = need_sets(vk, 1))) break;
+            cvq_vk_range r[13];
+            EV_RANGES(t0);
+            VkDescriptorSet set;
+            if (!st) st = cvq_vk_descriptors(vk, CVQ_VK_K_ENCODE_VALUES, r, 13, &set);
+            if (st) break;
+            cvq_vk_cmd_bind(vk, CVQ_VK_K_ENCODE_VALUES, pe, set);
+            ev_push push = {(uint32_t)m, 0, a->lv->inv_F, 1};
+            dispatch_split(vk, CVQ_VK_K_ENCODE_VALUES, &push, sizeof push, offsetof(ev_push, token_base), m, G);
+        }
+        cvq_vk_cmd_barrier(vk);
+    }
     for (size_t t0 = 0; t0 < n && !st; t0 += chunk) {
         const size_t m = n - t0 < chunk ? n - t0 : chunk;
         if ((st = need_sets(vk, 2))) break;
-        static const cvq_vk_tab tabs[] = {CVQ_VK_T_INV_LS, CVQ_VK_T_LN_W, CVQ_VK_T_LN_B, CVQ_VK_T_W1,
-                                          CVQ_VK_T_B1, CVQ_VK_T_W2, CVQ_VK_T_B2, CVQ_VK_T_E};
         cvq_vk_range r[13];
-        st = range_of(vk, slice(a->values, t0, it[0].stride), &r[CVQ_EV_VALUES]);
-        for (int i = 0; i < 8 && !st; i++) st = range_buf(vk, &tb->t[tabs[i]], &r[CVQ_EV_INV_LS + i]);
-        if (!st) st = range_buf(vk, &vk->s_vscratch.b, &r[CVQ_EV_SCRATCH]);
-        if (!st) st = range_buf(vk, &vk->s_bits.b, &r[CVQ_EV_BITS]);
-        if (!st) st = range_of(vk, slice(a->sigma, t0, it[3].stride), &r[CVQ_EV_SIGMA]);
-        range_status(vk, &r[CVQ_EV_STATUS]);
+        EV_RANGES(t0);
         VkDescriptorSet set;
         if (!st) st = cvq_vk_descriptors(vk, CVQ_VK_K_ENCODE_VALUES, r, 13, &set);
         if (st) break;
         cvq_vk_cmd_bind(vk, CVQ_VK_K_ENCODE_VALUES, pe, set);
-        ev_push push = {(uint32_t)m, 0, a->lv->inv_F};
-        dispatch_split(vk, CVQ_VK_K_ENCODE_VALUES, &push, sizeof push, 4, m, G);
+        ev_push push = {(uint32_t)m, 0, a->lv->inv_F, 0};
+        dispatch_split(vk, CVQ_VK_K_ENCODE_VALUES, &push, sizeof push, offsetof(ev_push, token_base), m, G);
         cvq_vk_cmd_barrier(vk);
-        st = record_pack(vk, CVQ_VK_K_PACK_BITS, &spec_pack, &vk->s_bits.b, slice(a->bits, t0, it[4].stride),
-                         m * G * g->value_bits, 32);
+        const size_t count = m * G * g->value_bits;
+        st = record_pack(vk, CVQ_VK_K_PACK_BITS, &vk->s_bits.b, slice(a->bits, t0, it[4].stride), count,
+                         (count + 31) / 32, run->slot, &vk->s_scales.b, slice(a->sigma, t0, it[3].stride),
+                         m * G, 0, 0);
         cvq_vk_cmd_barrier(vk);
     }
-    if (st) return st;
-    cvq_vk_cmd_barrier_host(vk);
-    if ((st = cvq_vk_cmd_submit_wait(vk))) return st;
-    return status_check(vk, "encode_values");
+#undef EV_RANGES
+    if (st) return op_abort(vk, st);
+    if ((st = op_end(vk, run))) return st;
+    if (run->record) return CVQ_OK;
+    return status_check(vk, status_word(vk, run->slot), "encode_values");
 }
 
 /* ---- attend ----------------------------------------------------------------------------------- */
 
 cvq_status cvq_vk_attend(cvq_context *ctx, const cvq_attend_args *a) {
-    cvq_vk *vk = ctx->be_state;
+    return cvq_vk_attend_run(ctx->be_state, a, &k_immediate);
+}
+
+cvq_status cvq_vk_attend_run(cvq_vk *vk, const cvq_attend_args *a, const cvq_vk_run *run) {
+    cvq_context *ctx = vk->ctx;
     const cvq_layer_view *lv = a->lv;
     const cvq_geometry *g = lv->g;
     const size_t n_q = a->n_q;
@@ -576,6 +735,7 @@ cvq_status cvq_vk_attend(cvq_context *ctx, const cvq_attend_args *a) {
     per_item it[4];
     size_t n_it = attend_items(vk, g, n_tok, it);
     const size_t chunk = plan_chunk(vk, n_q, it, n_it);
+    if (chunk == 0) return too_large(vk, "attend", n_q);
     cvq_record_layout rl;
     if ((st = cvq_record_layout_of(g, &rl))) return st;
 
@@ -584,6 +744,7 @@ cvq_status cvq_vk_attend(cvq_context *ctx, const cvq_attend_args *a) {
     const uint32_t wg = choose_wg(vk, &lc, &need); /* the exact split: at most what supported() saw */
     if (!wg) return over_budget(vk, "attend", need);
 
+    if ((run->record || vk->pending) && (st = cvq_vk_retire_reserve(vk, 2 * CVQ_VK_T_COUNT + 8))) return st;
     const cvq_vk_tables *tb;
     if ((st = cvq_vk_tables_get(vk, a->cb, lv, CVQ_VK_USES_ATTEND, &tb))) return st;
     if ((st = cvq_vk_scratch_reserve(vk, &vk->s_attend, chunk * it[3].stride))) return st;
@@ -592,8 +753,7 @@ cvq_status cvq_vk_attend(cvq_context *ctx, const cvq_attend_args *a) {
     VkPipeline pe;
     if ((st = cvq_vk_pipeline(vk, CVQ_VK_K_ATTEND, &spec, &pe))) return st;
 
-    if ((st = cvq_vk_cmd_begin(vk))) return st;
-    cvq_vk_cmd_barrier(vk);
+    if ((st = op_begin(vk, run))) return op_abort(vk, st);
     for (size_t q0 = 0; q0 < n_q && !st; q0 += chunk) {
         const size_t m = n_q - q0 < chunk ? n_q - q0 : chunk;
         if ((st = need_sets(vk, 1))) break;
@@ -625,7 +785,6 @@ cvq_status cvq_vk_attend(cvq_context *ctx, const cvq_attend_args *a) {
                        m * g->n_q_heads, 1);
         cvq_vk_cmd_barrier(vk); /* the next chunk reuses the scratch */
     }
-    if (st) return st;
-    cvq_vk_cmd_barrier_host(vk);
-    return cvq_vk_cmd_submit_wait(vk);
+    if (st) return op_abort(vk, st);
+    return op_end(vk, run);
 }

@@ -21,9 +21,10 @@ static const struct {
 } k_kernels[CVQ_VK_K_COUNT] = {
     [CVQ_VK_K_ENCODE_KEYS] = {"encode_keys", 7, true},
     [CVQ_VK_K_ENCODE_VALUES] = {"encode_values", 13, true},
-    [CVQ_VK_K_PACK_U16] = {"pack_u16", 2, false},
-    [CVQ_VK_K_PACK_BITS] = {"pack_bits", 2, false},
+    [CVQ_VK_K_PACK_U16] = {"pack_u16", 5, false},
+    [CVQ_VK_K_PACK_BITS] = {"pack_bits", 5, false},
     [CVQ_VK_K_ATTEND] = {"attend", 19, false},
+    [CVQ_VK_K_PACK_CODES12] = {"pack_codes12", 5, false},
 };
 
 const char *cvq_vk_kernel_name(cvq_vk_kernel_id k) { return k_kernels[k].name; }
@@ -307,14 +308,18 @@ cvq_status cvq_vk_descriptors(cvq_vk *vk, cvq_vk_kernel_id k, const cvq_vk_range
     VkDescriptorSetAllocateInfo ai;
     memset(&ai, 0, sizeof ai);
     ai.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO;
-    ai.descriptorPool = vk->desc_pool;
+    /* Work recorded into an engine's command buffer runs later: its sets
+     * come from a pool kept until cvq_vulkan_collect_status. */
+    const bool rec = vk->cur != VK_NULL_HANDLE && vk->cur == vk->rec;
+    uint32_t *used = rec ? &vk->rec_sets_used : &vk->sets_used;
+    ai.descriptorPool = rec ? vk->rec_pool : vk->desc_pool;
     ai.descriptorSetCount = 1;
     ai.pSetLayouts = &vk->kernels[k].dsl;
-    if (vk->sets_used >= CVQ_VK_MAX_SETS)
+    if (*used >= CVQ_VK_MAX_SETS || !ai.descriptorPool)
         return CVQ_FAIL(ctx, CVQ_ERR_INTERNAL, "descriptor pool exhausted (%u sets)", CVQ_VK_MAX_SETS);
     VkResult r = vk->fn.AllocateDescriptorSets(vk->dev, &ai, out);
     if (r != VK_SUCCESS) return CVQ_VK_FAIL(ctx, r, "vkAllocateDescriptorSets");
-    vk->sets_used++;
+    (*used)++;
     VkDescriptorBufferInfo bi[32];
     VkWriteDescriptorSet w[32];
     for (uint32_t i = 0; i < n; i++) {
@@ -334,11 +339,11 @@ cvq_status cvq_vk_descriptors(cvq_vk *vk, cvq_vk_kernel_id k, const cvq_vk_range
 }
 
 void cvq_vk_cmd_bind(cvq_vk *vk, cvq_vk_kernel_id k, VkPipeline p, VkDescriptorSet set) {
-    vk->fn.CmdBindPipeline(vk->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, p);
-    vk->fn.CmdBindDescriptorSets(vk->cmd, VK_PIPELINE_BIND_POINT_COMPUTE, vk->kernels[k].layout, 0, 1,
+    vk->fn.CmdBindPipeline(vk->cur, VK_PIPELINE_BIND_POINT_COMPUTE, p);
+    vk->fn.CmdBindDescriptorSets(vk->cur, VK_PIPELINE_BIND_POINT_COMPUTE, vk->kernels[k].layout, 0, 1,
                                  &set, 0, NULL);
 }
 
 void cvq_vk_cmd_push(cvq_vk *vk, cvq_vk_kernel_id k, const void *data, uint32_t bytes) {
-    vk->fn.CmdPushConstants(vk->cmd, vk->kernels[k].layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, bytes, data);
+    vk->fn.CmdPushConstants(vk->cur, vk->kernels[k].layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, bytes, data);
 }

@@ -95,7 +95,8 @@ static uint64_t table_hash(const cvq_layer_view *lv, const tab_src *t, int k) {
 }
 
 static void tables_free(cvq_vk *vk, cvq_vk_tables *e) {
-    for (int k = 0; k < CVQ_VK_T_COUNT; k++) cvq_vk_buffer_free(vk, &e->t[k]);
+    /* (recorded work may still read them: released, not freed) */
+    for (int k = 0; k < CVQ_VK_T_COUNT; k++) cvq_vk_buffer_release(vk, &e->t[k]);
     cvq__free(&vk->ctx->alloc, e);
 }
 
