@@ -10,6 +10,9 @@ install(TARGETS commvq commvq_static EXPORT commvqTargets
         INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(FILES ${PROJECT_SOURCE_DIR}/include/commvq.h ${PROJECT_SOURCE_DIR}/include/commvq_train.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# The CUDA interop header needs no CUDA header; it is installed always (its
+# functions return CVQ_ERR_BACKEND_UNAVAILABLE in builds without CUDA).
+install(FILES ${PROJECT_SOURCE_DIR}/include/commvq_cuda.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 # The engine-interop header (includes <vulkan/vulkan.h>), only with the Vulkan backend.
 if(COMMVQ_VULKAN_STATUS MATCHES "^yes")
   install(FILES ${PROJECT_SOURCE_DIR}/include/commvq_vulkan.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
@@ -28,6 +31,10 @@ install(FILES ${PROJECT_BINARY_DIR}/commvqConfig.cmake ${PROJECT_BINARY_DIR}/com
 set(COMMVQ_PC_LIBS_PRIVATE "-lm -lpthread -ldl") # -ldl: the Vulkan loader is dlopened
 if(OpenMP_C_FOUND)
   string(APPEND COMMVQ_PC_LIBS_PRIVATE " ${OpenMP_C_FLAGS}")
+endif()
+if(COMMVQ_CUDA_ENABLED)
+  # the CUDA runtime is linked statically (loads without a driver)
+  string(APPEND COMMVQ_PC_LIBS_PRIVATE " ${COMMVQ_CUDART_STATIC} -lrt -lstdc++")
 endif()
 # Relocatable: the prefix is found from the .pc file's own folder, so an
 # install with `cmake --install --prefix X` works wherever X is.

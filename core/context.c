@@ -46,11 +46,9 @@ static cvq_status absent(cvq_context *ctx, cvq_backend_kind k) {
                         "the %s backend is disabled by COMMVQ_DISABLE_%s", cvq_backend_name(k),
                         k == CVQ_BACKEND_CUDA ? "CUDA" : "VULKAN");
     const char *why = "it was not compiled into this build";
-#ifdef COMMVQ_CUDA_TOOLKIT_FOUND
     if (k == CVQ_BACKEND_CUDA)
-        why = "it is not implemented in this version (the CUDA toolkit was found at build time; "
-              "the kernels arrive in a later release)";
-#endif
+        why = "it was not compiled into this build (COMMVQ_CUDA=OFF, or no CUDA toolkit (nvcc) "
+              "was found at build time)";
     if (k == CVQ_BACKEND_VULKAN)
         why = "it was not compiled into this build (COMMVQ_VULKAN=OFF, or the Vulkan headers or "
               "glslangValidator were missing at build time)";
