@@ -51,8 +51,10 @@ typedef struct cvq_train_progress {
     uint32_t stage;         /* key stage; 0 for values */
     uint32_t n_stages;
     uint32_t step, n_steps; /* within the stage (keys) or run (values) */
-    double loss;            /* keys: hard-assignment MSE of the stage's input
-                               residual; values: training loss of the step */
+    double loss;            /* keys: hard-assignment MSE per element of the
+                               stage's input residual (normalised keys) with
+                               the current iterate; values: training loss of
+                               the step */
     double tokens_per_second;
     double seconds_left;    /* estimate, < 0 when unknown */
 } cvq_train_progress;
@@ -83,33 +85,53 @@ typedef struct cvq_key_train_params {
     int hard;               /* 1: hard EM (k-means-like assignments) */
     double tau_start;       /* soft E-step temperature schedule, times s_r;  */
     double tau_end;         /* defaults 1e-3 and 1e-5 (method note)          */
-    double plateau;         /* stop a stage when the hard MSE improves by less
-                               than this (relative; default 1e-5) */
+    double plateau;         /* a step "improves" when it lowers the stage's
+                               best hard MSE by more than this fraction
+                               (default 1e-5); 0 = any decrease counts */
+    uint32_t patience;      /* stop a stage after this many steps in a row
+                               without improvement (default 5); 0 = never
+                               stop early (run all `steps`) */
+    uint32_t max_splits;    /* split rounds per stage (default 8): on a
+                               plateau, under-used sub-codes are re-seeded to
+                               split the most-used ones (k-means split move
+                               against merged clusters), then EM goes on;
+                               0 = plain EM (dead sub-codes are still
+                               re-seeded) */
     int n_threads;          /* 0 = all */
     cvq_train_progress_fn progress; /* or NULL */
     void *progress_user;
-    const cvq_allocator *allocator; /* NULL = default */
+    const cvq_allocator *allocator; /* work buffers; NULL = the codebook's */
 } cvq_key_train_params;
 
 CVQ_API cvq_key_train_params cvq_key_train_default_params(void);
 
-/* Trains the key codebook of `layer` (all KV heads) in cb. */
+/* Trains the key codebook of `layer` (all KV heads) in cb: stages
+ * first_stage .. first_stage+n_stages-1 of every head, greedily; the other
+ * stages and layers are read (residual, report) but not written. params
+ * NULL = the defaults. report->rel_error uses every stage of the codebook.
+ * Bad input (non-finite keys, positions, parameters) writes nothing. */
 CVQ_API cvq_status cvq_train_keys(cvq_codebook *cb, uint32_t layer,
                                   const cvq_train_data *data,
                                   const cvq_key_train_params *params,
                                   cvq_train_report *report /* or NULL */);
 
-/* A new codebook with the first `stages` key stages of src (everything else
- * copied: values, RoPE table, note). */
+/* A new codebook with the first `stages` (1..R) key stages of src
+ * (everything else copied: values, RoPE table, note, plus one note line). */
 CVQ_API cvq_status cvq_codebook_extract_stages(const cvq_codebook *src, uint32_t stages,
                                                cvq_codebook **out);
 
 /* ---- values ---------------------------------------------------------------- */
 typedef struct cvq_value_train_params {
     uint64_t seed;
-    uint64_t max_tokens;    /* subsample (seeded); 0 = all */
+    uint64_t max_tokens;    /* subsample (seeded): a random subset of whole
+                               windows (below) covering this many tokens;
+                               0 = all */
     uint32_t steps;         /* AdamW steps (default 2000) */
-    uint32_t batch_tokens;  /* tokens per step (default 256) */
+    uint32_t batch_tokens;  /* tokens per step (default 256). Sequences are
+                               cut into windows of this many consecutive
+                               tokens; a step draws windows until full, and
+                               the attention loss runs causally within each
+                               window (cost ~ Hq * batch_tokens^2 * d) */
     double lr;              /* 1e-3 */
     double weight_decay;    /* 0.1 (decoupled) */
     double beta1, beta2;    /* 0.9, 0.95 */
@@ -117,9 +139,16 @@ typedef struct cvq_value_train_params {
     uint32_t warmup_steps;  /* linear warm-up (default 100) */
     double gumbel_tau;      /* 1.0 */
     double attn_weight;     /* weight of the attention loss (default 1.0; used
-                               only when data->queries is set) */
+                               only when data->queries is set; 0 also turns
+                               off attn_rel_error, reported as -1) */
     int keep_ls;            /* 1: keep the codebook's ls (resume); 0: compute
                                ls = mean|v| from the data (default) */
+    int resume;             /* 1: start from the codebook's value weights (and
+                               keep its ls) instead of a seeded initialisation;
+                               AdamW moments start from zero (default 0) */
+    double lr_end_factor;   /* after warm-up the rate follows a cosine from lr
+                               to lr*lr_end_factor at the last step (default
+                               0.1; 1 = constant) */
     int n_threads;          /* 0 = all */
     cvq_train_progress_fn progress;
     void *progress_user;

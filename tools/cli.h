@@ -116,5 +116,9 @@ int cmd_export_codebook(const cli_cmd *cmd, int argc, char **argv);
 int cmd_encode(const cli_cmd *cmd, int argc, char **argv);
 int cmd_attend(const cli_cmd *cmd, int argc, char **argv);
 int cmd_demo(const cli_cmd *cmd, int argc, char **argv);
+/* tools/cmd_train.c */
+int cmd_train_keys(const cli_cmd *cmd, int argc, char **argv);
+int cmd_train_values(const cli_cmd *cmd, int argc, char **argv);
+int cmd_extract_stages(const cli_cmd *cmd, int argc, char **argv);
 
 #endif

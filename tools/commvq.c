@@ -101,6 +101,98 @@ static const char usage_demo[] =
     "The codebooks are random: they do not preserve keys and values, so the\n"
     "error against FP16 says nothing about the method's quality.\n";
 
+/* Options shared by train-keys and train-values (one text, two usages). */
+#define TRAIN_COMMON_HELP \
+    "Data folder DIR: per layer N, k_N.npy and v_N.npy [T, Hkv, D] and optionally\n" \
+    "q_N.npy [T, Hq, D], all before RoPE (float32, float16, float64, or uint16\n" \
+    "holding bfloat16 bits with --bf16); optionally pos.npy (int32 [T]: each\n" \
+    "token's position; default: index within its sequence) and seq_start.npy\n" \
+    "(int32 [n_seq]: first token of each sequence; default: one sequence).\n" \
+    "\n" \
+    "  --data DIR          the data folder\n" \
+    "  --out FILE          output .cvq, rewritten after every layer (a checkpoint)\n" \
+    "  --init FILE         start from this codebook (resume; other layers and the\n" \
+    "                      other half are kept); without it a new zero codebook\n" \
+    "                      is made from the geometry options below\n" \
+    "  --layers LIST       layers to train: all (default) or e.g. 0,2,5-7\n" \
+    "  --seed N            seed of every random choice (default 0)\n" \
+    "  --samples N         train on N tokens drawn (seeded) from the T of a layer\n" \
+    "                      (default: all)\n" \
+    "  --threads N         threads (default: all); results do not depend on it\n" \
+    "  --fp16              store the codebook as float16 (compact)\n" \
+    "  --bf16              uint16 inputs hold bfloat16 bit patterns\n" \
+    "  --quiet             no progress lines\n" \
+    "Geometry of a new codebook (not with --init): Hkv and D from k_0.npy, Hq\n" \
+    "from q_0.npy (else Hkv), layers from the k_N.npy files present, or:\n" \
+    "  --key-stages R      key stages, 1..32 (required; 12*R/D key bits per dim)\n" \
+    "  --value-bits B      value code bits Nc per value group (required)\n" \
+    "  --n-layers L, --hq Q, --hkv H, --head-dim D   override the data's shapes\n" \
+    "  --value-group F, --value-hidden I, --pair-layout rotate_half|interleaved,\n" \
+    "  --key-scale token|head, --logit-scale S   as for random-codebook\n" \
+    "  --rope-base X       theta_p = X^(-2p/D) (default 10000), or\n" \
+    "  --rope-theta FILE   the model's RoPE table, float64 [D/2] (llama3, YaRN)\n" \
+    "Progress goes to stderr: one live line on a terminal, one line per step\n" \
+    "otherwise (stage, step, loss, tokens/s, time left of the layer); one\n" \
+    "summary line per layer goes to stdout. docs/training.md: costs per layer.\n"
+
+static const char usage_train_keys[] =
+    "usage: commvq train-keys --data DIR --out FILE [--init FILE] [--layers LIST]\n"
+    "         [--steps N] [--stages N] [--first-stage N] [--hard] [--samples N]\n"
+    "         [--seed N] [--threads N] [--fp16] [geometry options]\n"
+    "\n"
+    "Trains the key codebooks (EM of the method note, section 6): per layer, per\n"
+    "KV head, stage after stage; soft E-step with the temperature schedule, closed\n"
+    "form M-step; the best hard-assignment MSE of each stage is kept.\n"
+    "\n"
+    "  --steps N           EM steps per stage (default 100)\n"
+    "  --stages N          stages to train (default: all from the first)\n"
+    "  --first-stage N     keep stages below N as they are in --init (resume);\n"
+    "                      default 0, or the old stage count when --key-stages\n"
+    "                      extends an --init codebook\n"
+    "  --hard              hard EM (k-means-like argmin assignments): faster\n"
+    "  --tau-start X, --tau-end X   soft temperature schedule, times s_r\n"
+    "                      (default 1e-3 and 1e-5)\n"
+    "  --plateau X         relative improvement that counts (default 1e-5)\n"
+    "  --patience N        stop a stage after N steps without one (default 5;\n"
+    "                      0 = run all steps)\n"
+    "  --splits N          split rounds per stage against merged clusters\n"
+    "                      (default 8; 0 = plain EM)\n"
+    "With --init FILE, --key-stages R larger than the file's stage count extends\n"
+    "the codebook: the old stages are kept and training starts after them.\n"
+    "\n" TRAIN_COMMON_HELP;
+
+static const char usage_train_values[] =
+    "usage: commvq train-values --data DIR --out FILE [--init FILE] [--layers LIST]\n"
+    "         [--steps N] [--batch N] [--lr X] [--samples N] [--seed N]\n"
+    "         [--threads N] [--fp16] [geometry options]\n"
+    "\n"
+    "Trains the value encoders and codebooks: per-channel scale ls from the data,\n"
+    "then LayerNorm, both Linear layers and E of every value group with AdamW and\n"
+    "straight-through Gumbel-softmax; loss = MSE of the decoded values plus, when\n"
+    "q_N.npy exists, MSE of the attention output computed with decoded values.\n"
+    "\n"
+    "  --steps N           AdamW steps (default 2000)\n"
+    "  --batch N           tokens per step (default 256)\n"
+    "  --lr X              learning rate (default 1e-3)\n"
+    "  --lr-end X          final rate as a fraction of --lr (cosine; default 0.1)\n"
+    "  --weight-decay X    decoupled weight decay (default 0.1)\n"
+    "  --warmup N          linear warm-up steps (default 100)\n"
+    "  --gumbel-tau X      Gumbel-softmax temperature (default 1)\n"
+    "  --attn-weight X     weight of the attention loss (default 1)\n"
+    "  --no-queries        ignore q_N.npy (values MSE only)\n"
+    "  --keep-ls           keep the codebook's ls instead of computing it\n"
+    "  --resume            start from the --init codebook's value weights\n"
+    "For train-values, --samples N keeps whole windows of --batch consecutive\n"
+    "tokens, drawn (seeded) until N tokens are covered (attention needs context).\n"
+    "\n" TRAIN_COMMON_HELP;
+
+static const char usage_extract_stages[] =
+    "usage: commvq extract-stages IN --stages R1 --out OUT [--fp16]\n"
+    "\n"
+    "Writes a codebook with the first R1 key stages of IN (greedy training makes\n"
+    "them a valid R1-stage codebook: 12*R1/D key bits per dim); values, RoPE\n"
+    "table and note are copied.\n";
+
 static const cli_cmd commands[] = {
     {"info", "backends, devices and capabilities", usage_info, cmd_info},
     {"random-codebook", "write a seeded random codebook (.cvq)", usage_random_codebook,
@@ -112,6 +204,12 @@ static const cli_cmd commands[] = {
      usage_attend, cmd_attend},
     {"demo", "synthetic workload: compression, accuracy and speed", usage_demo,
      cmd_demo},
+    {"train-keys", "train key codebooks from .npy calibration dumps", usage_train_keys,
+     cmd_train_keys},
+    {"train-values", "train value encoders from .npy calibration dumps",
+     usage_train_values, cmd_train_values},
+    {"extract-stages", "keep the first R1 key stages of a codebook", usage_extract_stages,
+     cmd_extract_stages},
 };
 
 #define N_COMMANDS (sizeof commands / sizeof commands[0])
