@@ -1,14 +1,15 @@
 /*
- * bench_reference: throughput of the CPU backend as it stands (reference
- * kernels; OpenMP over tokens) on one LLaMA-3.1-8B layer (Hq=32, Hkv=8,
+ * bench_reference: throughput of the CPU backend's default path (the fast
+ * kernels of backends/cpu, all threads) on one LLaMA-3.1-8B layer (Hq=32, Hkv=8,
  * d=128) at 1 bit (R=11, Nc=1024) and 2 bits (R=21, Nc=2048), with random
  * codebooks. Prints one table; every ratio is measured in this run against
  * the single-thread reference (cpu_reference = 1).
  *
  *   bench_reference [--tokens N] [--context T] [--seed S]
  *
- * Not a test: nothing is asserted. The fast path and the full benchmark
- * suite (dense FP16 baselines, long contexts) are a later issue.
+ * Not a test: nothing is asserted. The full suite (per instruction set,
+ * brute force, dense FP16 baselines, long contexts, bytes per token) is
+ * bench_encode, bench_attention and bench_bytes.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "bench_util.h"
@@ -128,7 +129,7 @@ int main(int argc, char **argv) {
         free(logit);
         cvq_cache_free(c);
         cvq_context_free(fast);
-        printf("%-8s attend ms/step T=%-6zu %14.2f %14.2f %9.2fx  (columns: dense fp32 loop, commvq reference; ratio = commvq/dense)\n",
+        printf("%-8s attend ms/step T=%-6zu %14.2f %14.2f %9.2fx  (columns: dense fp32 loop, commvq cpu backend; ratio = commvq/dense)\n",
                set[s].name, ctx_len, ms_dense, ms_cvq, ms_cvq / ms_dense);
         cvq_codebook_free(cb);
     }

@@ -1,16 +1,17 @@
 /*
- * The CPU backend. Today its kernels are the reference kernels of
- * core/ref_*.c, run over tokens in parallel with OpenMP (the per-token work
- * is independent, so the bits do not depend on the thread count). With
- * cpu_reference = 1 in the context parameters it runs them on one thread,
- * exactly as a reader of core/ref_*.c would. A SIMD fast path that keeps
- * the same bits is a later issue (docs/numerics.md says what it may do).
+ * The CPU backend. By default it runs the fast path (cpu_fast.h: SIMD
+ * kernels chosen at run time, OpenMP over tokens, heads and context
+ * ranges) whose codes are bit-identical to the reference's; with
+ * cpu_reference = 1 in the context parameters it runs the reference
+ * kernels of core/ref_*.c on one thread, exactly as a reader of
+ * core/ref_*.c would.
  *
  * Buffers are host memory (the backend has no buffer entries), so views
  * are plain pointers.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "backend.h"
+#include "cpu_fast.h"
 #include "numerics.h"
 #include "reference.h"
 
@@ -57,9 +58,11 @@ static cvq_status cpu_list_devices(cvq_device_info *out, size_t cap, size_t *cou
     out->type = CVQ_DEVICE_CPU;
     cpu_name(out->name, sizeof out->name);
 #ifdef COMMVQ_HAVE_OPENMP
-    snprintf(out->driver, sizeof out->driver, "reference kernels, OpenMP over tokens");
+    snprintf(out->driver, sizeof out->driver, "fast kernels (%s), OpenMP",
+             cvq_cpu_kernels_get()->name);
 #else
-    snprintf(out->driver, sizeof out->driver, "reference kernels, single thread (no OpenMP)");
+    snprintf(out->driver, sizeof out->driver, "fast kernels (%s), single thread (no OpenMP)",
+             cvq_cpu_kernels_get()->name);
 #endif
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     out->memory_bytes = (pages > 0 && psz > 0) ? (uint64_t)pages * (uint64_t)psz : 0;
@@ -67,7 +70,8 @@ static cvq_status cpu_list_devices(cvq_device_info *out, size_t cap, size_t *cou
     out->compute_units = cpu_count();
     out->exactness = CVQ_EXACT_GUARANTEED;
     out->usable = 1;
-    snprintf(out->note, sizeof out->note, "the reference: defines the code bits");
+    snprintf(out->note, sizeof out->note,
+             "codes bit-identical to the reference (cpu_reference = 1 runs the reference)");
     return CVQ_OK;
 }
 
@@ -108,15 +112,11 @@ static cvq_status cpu_encode_keys(cvq_context *ctx, const cvq_encode_keys_args *
     const float *keys = cvq__view_host(a->keys);
     uint16_t *codes = cvq__view_host(a->codes);
     float *scales = cvq__view_host(a->scales);
-    const long long n = (long long)a->n;
-    int nt = cpu_threads(ctx, a->n);
-    (void)nt;
-#ifdef COMMVQ_HAVE_OPENMP
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nt)
-#endif
-    for (long long t = 0; t < n; t++)
-        cvq_ref_encode_key_token(lv, keys + (size_t)t * kvd, codes + (size_t)t * nh * R,
-                                 scales + (size_t)t * ns);
+    if (!ctx->cpu_reference)
+        return cvq_cpu_fast_encode_keys(ctx, lv, a->n, keys, codes, scales,
+                                        cpu_threads(ctx, SIZE_MAX));
+    for (size_t t = 0; t < a->n; t++)
+        cvq_ref_encode_key_token(lv, keys + t * kvd, codes + t * nh * R, scales + t * ns);
     return CVQ_OK;
 }
 
@@ -129,6 +129,9 @@ static cvq_status cpu_encode_values(cvq_context *ctx, const cvq_encode_values_ar
     const float *values = cvq__view_host(a->values);
     uint8_t *bits = cvq__view_host(a->bits);
     float *sigma = cvq__view_host(a->sigma);
+    if (!ctx->cpu_reference)
+        return cvq_cpu_fast_encode_values(ctx, lv, a->n, values, bits, sigma,
+                                          cpu_threads(ctx, a->n));
     const int nt = cpu_threads(ctx, a->n);
     const size_t scratch_n = cvq_ref_value_scratch(lv);
     size_t scratch_bytes;
@@ -177,6 +180,7 @@ static cvq_status cpu_attend(cvq_context *ctx, const cvq_attend_args *a) {
     h.win_v = cvq__view_host(a->win_v);
     h.win_pos = cvq__view_host(a->win_pos);
     h.out = cvq__view_host(a->out);
+    if (!ctx->cpu_reference) return cvq_cpu_fast_attend(ctx, a->lv, &h, cpu_threads(ctx, SIZE_MAX));
     return cvq_ref_attend(ctx, a->lv, &h);
 }
 
