@@ -16,9 +16,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Python packages of the Python tests (tools/convert_official.py's test).
+# Python packages of the Python tests (tools/convert_official.py's test; the
+# logits check of examples/llama against a numpy forward pass: gguf).
 py_missing=()
-for m in numpy; do
+for m in numpy gguf; do
   python3 -c "import $m" 2>/dev/null || py_missing+=("$m")
 done
 if [ ${#py_missing[@]} -gt 0 ]; then
