@@ -17,7 +17,10 @@
  *      contexts long enough to be split across threads, sinks and window,
  *      causal cuts, uneven GQA groups, several value groups) against a
  *      double-precision attention over the keys and values decoded in
- *      double (tests/support oracles), within the contract's tolerance.
+ *      double (tests/support oracles), within the contract's tolerance;
+ *  (e) the key argmin and its exact row pruning on tables built to defeat
+ *      an unsafe prune (ties across rows with equal bounds, a planted trap,
+ *      NaN/Inf, signed zeros) against the ascending scan of numerics.md 8.
  *
  * Seeds are fixed per case and printed on failure.
  */
@@ -479,12 +482,151 @@ static void test_attention_long(void **state) {
            "instruction set: %zu runs within tolerance (worst %.3f of it)\n", runs, worst);
 }
 
+/* (e) The key argmin with its exact row pruning (cpu_kernels_impl.h,
+ * key_argmin), fed tables built here, against the scan of numerics.md
+ * section 8 written in this test: k = 64*A + B ascending, dist = (f[A] +
+ * g[B]) + G[A][B], replace on strict <, +Inf start (a NaN or +Inf distance
+ * never wins; nothing below +Inf gives code 0). Kinds of tables:
+ *   0: small integers: exact ties everywhere, many rows with equal bounds;
+ *   1: a planted trap for an unsafe prune: a high row H whose bound is the
+ *      smallest holds the minimum distance -15 at (H, B0), and a lower row
+ *      L holds the same distance at (L, B0) with a bound EQUAL to -15 (so a
+ *      prune on bound >= best, or a visit order that keeps the first
+ *      minimum found, returns 64*H + B0 instead of 64*L + B0);
+ *   2: normal floats (rounding in every sum);
+ *   3: kind 2 with NaN, +Inf and -Inf entries in f, g and G, and lanes
+ *      whose every distance is NaN or +Inf;
+ *   4: entries in {-0, +0, 1}: ties between zeros of both signs;
+ *   5: a NaN G[A][b] (b < 16) in the same vector lane as the winner
+ *      G[A][b + 16] = -50 (any lane width 4, 8, 16), in a row whose f is
+ *      +5: a row minimum that let the NaN hide its lane's entries would
+ *      overstate the row's bound and prune the winner's row. */
+static uint32_t scan_argmin(const float *fT, const float *gT, const float *G, uint32_t vw,
+                            uint32_t l) {
+    float best = INFINITY;
+    uint32_t kb = 0;
+    for (uint32_t A = 0; A < 64; A++)
+        for (uint32_t B = 0; B < 64; B++) {
+            const float dist = (fT[A * vw + l] + gT[B * vw + l]) + G[A * 64 + B];
+            if (dist < best) {
+                best = dist;
+                kb = A * 64 + B;
+            }
+        }
+    return kb;
+}
+
+static float small_int(th_rng *r, int lo, int hi) {
+    return (float)(lo + (int)(th_rng_u64(r) % (uint64_t)(hi - lo + 1)));
+}
+
+static void make_argmin_tables(th_rng *r, int kind, uint32_t vw, float *fT, float *gT, float *G,
+                               uint32_t *planted) {
+    for (uint32_t i = 0; i < 64 * vw; i++) {
+        switch (kind) {
+        case 0: fT[i] = small_int(r, -3, 3); gT[i] = small_int(r, -3, 3); break;
+        case 4: fT[i] = (float)(th_rng_u64(r) % 3) - 1.0f; gT[i] = 0.0f * small_int(r, -1, 1); break;
+        default: fT[i] = (float)th_rng_normal(r); gT[i] = (float)th_rng_normal(r); break;
+        }
+    }
+    for (uint32_t i = 0; i < 64 * 64; i++) {
+        switch (kind) {
+        case 0: G[i] = small_int(r, -3, 3); break;
+        case 4: G[i] = th_rng_u64(r) % 2 ? -0.0f : 0.0f; break;
+        default: G[i] = (float)th_rng_normal(r); break;
+        }
+    }
+    if (kind == 4) /* f in {-1, 0, +0}: -1 rows hold the minimum, all zeros */
+        for (uint32_t i = 0; i < 64 * vw; i++) fT[i] = fT[i] > 0.0f ? -0.0f : fT[i];
+    if (kind == 1) {
+        const uint32_t L = (uint32_t)(th_rng_u64(r) % 40);
+        const uint32_t H = L + 1 + (uint32_t)(th_rng_u64(r) % (63 - L));
+        const uint32_t B0 = (uint32_t)(th_rng_u64(r) % 64);
+        const uint32_t B7 = (B0 + 1 + (uint32_t)(th_rng_u64(r) % 63)) % 64;
+        for (uint32_t i = 0; i < 64 * vw; i++) fT[i] = 0.0f;
+        for (uint32_t l = 0; l < vw; l++) {
+            const float c = small_int(r, -2, 2); /* per-lane shift of every row */
+            for (uint32_t A = 0; A < 64; A++) fT[A * vw + l] = c;
+            for (uint32_t B = 0; B < 64; B++) gT[B * vw + l] = B == B0 ? -5.0f : 0.0f;
+        }
+        for (uint32_t i = 0; i < 64 * 64; i++) G[i] = 0.0f;
+        G[H * 64 + B0] = -10.0f; /* dist c - 15 */
+        G[H * 64 + B7] = -12.0f; /* dist c - 12; bound of row H: c - 17 */
+        G[L * 64 + B0] = -10.0f; /* dist c - 15; bound of row L: c - 15 */
+        *planted = L * 64 + B0;
+    }
+    if (kind == 5) {
+        const uint32_t A = (uint32_t)(th_rng_u64(r) % 64), b = (uint32_t)(th_rng_u64(r) % 16);
+        G[A * 64 + b] = NAN;
+        G[A * 64 + b + 16] = -50.0f;
+        for (uint32_t l = 0; l < vw; l++) fT[A * vw + l] = 5.0f;
+        *planted = A * 64 + b + 16;
+    }
+    if (kind == 3) {
+        const float sp[3] = {NAN, INFINITY, -INFINITY};
+        for (int j = 0; j < 24; j++) {
+            const float x = sp[th_rng_u64(r) % 3];
+            const uint64_t where = th_rng_u64(r) % 3;
+            if (where == 0) fT[th_rng_u64(r) % (64 * vw)] = x;
+            else if (where == 1) gT[th_rng_u64(r) % (64 * vw)] = x;
+            else G[th_rng_u64(r) % (64 * 64)] = x;
+        }
+        /* lane 0: every distance NaN; lane 1: every distance +Inf or NaN */
+        for (uint32_t A = 0; A < 64; A++) {
+            fT[A * vw + 0] = NAN;
+            fT[A * vw + 1] = INFINITY;
+        }
+    }
+}
+
+static void test_argmin_pruning(void **state) {
+    (void)state;
+    enum { SEEDS = 60 };
+    float fT[64 * 16], gT[64 * 16], G[64 * 64];
+    uint32_t kb[16];
+    size_t runs = 0, lanes = 0, planted_hits = 0;
+    for (int isa = 0; isa < CVQ_CPU_ISA_COUNT; isa++) {
+        if (!cvq_cpu_isa_force((cvq_cpu_isa)isa)) continue;
+        const cvq_cpu_kernels *K = cvq_cpu_kernels_get();
+        const uint32_t vw = K->argmin_lanes;
+        assert_true(vw >= 1 && vw <= 16);
+        for (int kind = 0; kind < 6; kind++)
+            for (uint64_t seed = 1; seed <= SEEDS; seed++) {
+                th_rng r;
+                th_rng_seed(&r, 9000 + 100 * (uint64_t)kind + seed);
+                uint32_t planted = 0;
+                make_argmin_tables(&r, kind, vw, fT, gT, G, &planted);
+                K->key_argmin(fT, gT, G, kb);
+                for (uint32_t l = 0; l < vw; l++) {
+                    const uint32_t want = scan_argmin(fT, gT, G, vw, l);
+                    if (kb[l] != want)
+                        printf("[cpu_fast e] isa=%s kind=%d seed=%llu lane %u: code %u, the scan "
+                               "gives %u\n", cvq_cpu_isa_name((cvq_cpu_isa)isa), kind,
+                               (unsigned long long)(9000 + 100 * (uint64_t)kind + seed), l, kb[l],
+                               want);
+                    assert_int_equal(kb[l], want);
+                    if (kind == 1 || kind == 5) { /* the construction's own answer */
+                        assert_int_equal(want, planted);
+                        planted_hits++;
+                    }
+                    if (kind == 3 && l < 2) assert_int_equal(want, 0);
+                    lanes++;
+                }
+                runs++;
+            }
+    }
+    cvq_cpu_isa_force(CVQ_CPU_ISA_COUNT);
+    printf("[cpu_fast e] key argmin with row pruning: %zu tables (%zu lanes, %zu planted traps) "
+           "equal to the ascending scan\n", runs, lanes, planted_hits);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_isa_vs_reference),
         cmocka_unit_test(test_ties_and_subnormals),
         cmocka_unit_test(test_thread_invariance),
         cmocka_unit_test(test_attention_long),
+        cmocka_unit_test(test_argmin_pruning),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

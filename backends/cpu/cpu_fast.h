@@ -5,8 +5,9 @@
  * Exactness: every kernel vectorises ACROSS independent sums (tokens,
  * sub-codes a, Linear outputs o, features f) and never inside one, so each
  * lane performs exactly the reference's sequence of binary32 operations
- * (docs/numerics.md section 9.4). The key argmin keeps several running
- * minima per token and merges them with the rule of numerics.md section 8.
+ * (docs/numerics.md section 9.4). The key argmin takes the lexicographic
+ * minimum of (distance, code) of numerics.md section 8 per token, skipping
+ * only rows that a monotone lower bound proves cannot hold it.
  *
  * Instruction sets: AVX-512 (F), AVX2, and a portable C fallback. The
  * choice is the best one the CPU supports, unless the environment variable
@@ -82,6 +83,12 @@ typedef struct cvq_cpu_kernels {
     void (*attn_expand)(const float *accg, uint32_t Nc, uint32_t nhp, const float *E, size_t F,
                         size_t c0, uint32_t d, uint32_t hh0, uint32_t hh1, int have_bitsum,
                         float *bitsum, float *res);
+    /* The key argmin of one stage for one vector of argmin_lanes tokens
+     * (exposed for tests): kbest[l] = the reference's code for lane l, i.e.
+     * the ascending scan over k = 64*A + B of (fT[A][l] + gT[B][l]) + G[A][B]
+     * with strict <. fT, gT: [64][argmin_lanes]; G: [64][64]. */
+    uint32_t argmin_lanes;
+    void (*key_argmin)(const float *fT, const float *gT, const float *G, uint32_t *kbest);
 } cvq_cpu_kernels;
 
 /* Each returns NULL when that set was not compiled in (other compiler or

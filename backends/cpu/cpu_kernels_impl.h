@@ -8,10 +8,12 @@
  * operations in the reference's order:
  *   - key dot products: lane = token, four sub-codes a at a time, each sum
  *     over p ascending, (wx*zr + wy*zi) added as one rounded term;
- *   - key argmin: lane = token; four running minima per token over the
- *     codes k = 64*A + B with B mod 4 = j (each scanned in ascending k with
- *     strict <), merged by (smaller dist, then smaller k) with +Inf as "no
- *     candidate" (numerics.md section 8) - the same code as one scan;
+ *   - key argmin: per token, vectorised across B within a row A (each
+ *     lane one distance with the reference's operations), the lexicographic
+ *     minimum of (dist, k) with NaN and +Inf as "no candidate" (numerics.md
+ *     section 8) - the same code as the ascending scan with strict <; rows
+ *     are skipped only when a monotone lower bound proves they cannot hold
+ *     it (see key_argmin);
  *   - value encoder: lane = token; every Linear output o is its own sum over
  *     inputs ascending, bias last; GELU, argmax and the bit expansion per
  *     token with the reference's scalar code.
@@ -71,62 +73,138 @@ static void KFN(key_dots)(const float *w, const float *n, const float *zT, uint3
     }
 }
 
-/* Argmin of (f[A] + g[B]) + G[A][B] per lane -> kbest[l], the same code as
- * the reference's ascending scan with strict < (numerics.md section 8).
- * Four chains j = B mod 4 per lane. Within row A, a chain keeps only the
- * row minimum (vf_min: a NaN distance never wins); the row replaces the
- * chain's best only when strictly smaller, so each chain ends with its
- * minimum and the FIRST row holding it. Then, per lane, the lowest B of the
- * chain in that row with exactly that distance (recomputed with the same
- * operations, hence the same value) gives the chain's code, and the chains
- * are merged by (smaller distance, then smaller code). A chain that saw
- * only NaN or +Inf keeps best = +Inf: no candidate; none at all gives 0. */
-static void KFN(key_argmin)(const float *fT, const float *gT, const float *G,
+/* Gmin[A] = min over B of G[A][B] for one stage (min rounds nothing), or
+ * NaN. Vector lane i takes B = i mod VW; vf_min(x, m) keeps m when either is
+ * NaN, so a lane whose first entry is NaN stays NaN, and a later NaN entry
+ * is passed over (its code has a NaN distance: it never wins). Across lanes
+ * a NaN lane makes Gmin[A] NaN (then the row is never skipped, see
+ * key_argmin): dropping that lane would drop its other entries from the
+ * minimum and overstate the bound. So Gmin[A] is NaN or the minimum of the
+ * row's non-NaN entries: a valid bound for every code that can win. */
+static void KFN(key_row_mins)(const float *G, float *Gmin) {
+    for (uint32_t A = 0; A < CVQ_SUBCODES; A++) {
+        const float *GA = G + (size_t)A * CVQ_SUBCODES;
+        vf m = vf_load(GA);
+        for (uint32_t B = VW; B < CVQ_SUBCODES; B += VW) m = vf_min(vf_load(GA + B), m);
+        float t[VW];
+        vf_store(t, m);
+        float x = t[0];
+        for (uint32_t l = 1; l < VW; l++)
+            if (t[l] < x || t[l] != t[l]) x = t[l]; /* a NaN sticks: x < y false */
+        Gmin[A] = x;
+    }
+}
+
+/* Bit A of the result set where !(x[A] > b), A = 0 .. 63 (NaN sets it). */
+static uint64_t KFN(key_ngt_mask)(const float *x, float b) {
+    const vf bv = vf_set1(b);
+    uint64_t m = 0;
+    for (uint32_t i = 0; i < CVQ_SUBCODES; i += VW)
+        m |= (uint64_t)vf_ngt_bits(vf_load(x + i), bv) << i;
+    return m;
+}
+
+/* Index of the lowest set bit of m != 0. */
+static uint32_t KFN(key_ctz)(uint64_t m) {
+#if defined(__GNUC__) || defined(__clang__)
+    return (uint32_t)__builtin_ctzll(m);
+#else
+    uint32_t i = 0;
+    while (!(m & 1u)) { m >>= 1; i++; }
+    return i;
+#endif
+}
+
+/* Argmin over k = 64*A + B of dist = (f[A] + g[B]) + G[A][B] per lane ->
+ * kbest[l]: the reference's ascending scan with strict < (numerics.md
+ * section 8), whose result is the lexicographic minimum of (dist, k) over
+ * the codes with a non-NaN dist below +Inf, or 0 when there is none. Each
+ * lane (token) is done on its own, vectorised across B (each vector lane one
+ * distance, computed with the reference's operations in its order, so with
+ * its value), keeping (best, kb) = the lexicographic minimum of the codes
+ * visited so far - a rule that does not depend on the order rows are visited.
+ *
+ * Exact pruning. Rounded addition (to nearest) is monotone non-decreasing in
+ * each operand; with gmin = min_B g[B] (of this lane) and Gmin[A] =
+ * min_B G[A][B], both values of g and G, for every B
+ *     (f[A] + g[B]) + G[A][B] >= LB[A] = (f[A] + gmin) + Gmin[A]
+ * (each side rounded as written). A row is skipped only when LB[A] > best
+ * STRICTLY, best being a distance some visited code attains: then every code
+ * of the row has dist > best >= the final minimum, so none of them is the
+ * lexicographic minimum, nor ties with it (a row whose bound equals best is
+ * visited: its codes may tie with lower code indices at stake). A NaN bound
+ * (NaN or opposite infinities in the inputs) never skips its row; +Inf best
+ * (nothing visited yet, or only +Inf/NaN distances) skips nothing. The first
+ * row visited is one with the smallest bound, to get a small best early;
+ * then rows ascending whose bound is not above the current best. In short:
+ * the loop ends only when every row not visited has LB > the final best, so
+ * all its distances exceed the final best; the minimum distance is attained
+ * only in visited rows, and the lexicographic minimum over them is the one
+ * over all 4096 codes. (gmin, like Gmin, is NaN - no row is skipped - or the
+ * minimum of the non-NaN values; a code with a NaN g or G cannot win.) */
+static void KFN(key_argmin)(const float *fT, const float *gT, const float *G, const float *Gmin,
                             uint32_t *kbest) {
     const vf inf = vf_set1(INFINITY);
-    vf best0 = inf, best1 = inf, best2 = inf, best3 = inf;
-    vf row0 = vf_zero(), row1 = row0, row2 = row0, row3 = row0; /* row of best */
-    for (uint32_t A = 0; A < CVQ_SUBCODES; A++) {
-        const vf fA = vf_load(fT + (size_t)A * VW);
-        const float *GA = G + (size_t)A * CVQ_SUBCODES;
-        vf m0 = inf, m1 = inf, m2 = inf, m3 = inf;
-        for (uint32_t B = 0; B < CVQ_SUBCODES; B += 4) {
-            const float *gB = gT + (size_t)B * VW;
-            m0 = vf_min(vf_add(vf_add(fA, vf_load(gB)), vf_set1(GA[B])), m0);
-            m1 = vf_min(vf_add(vf_add(fA, vf_load(gB + VW)), vf_set1(GA[B + 1])), m1);
-            m2 = vf_min(vf_add(vf_add(fA, vf_load(gB + 2 * VW)), vf_set1(GA[B + 2])), m2);
-            m3 = vf_min(vf_add(vf_add(fA, vf_load(gB + 3 * VW)), vf_set1(GA[B + 3])), m3);
+    /* fl[l][A], gl[l][B]: lane l's tables, contiguous (fT, gT are [a][VW]) */
+    float fl[VW][CVQ_SUBCODES], gl[VW][CVQ_SUBCODES], gm[VW];
+    for (uint32_t a = 0; a < CVQ_SUBCODES; a++)
+        for (uint32_t l = 0; l < VW; l++) {
+            fl[l][a] = fT[(size_t)a * VW + l];
+            gl[l][a] = gT[(size_t)a * VW + l];
         }
-        const vf Av = vf_set1((float)A);
-        vf_keep_less(&best0, &row0, m0, Av);
-        vf_keep_less(&best1, &row1, m1, Av);
-        vf_keep_less(&best2, &row2, m2, Av);
-        vf_keep_less(&best3, &row3, m3, Av);
-    }
-    float bd[4][VW], br[4][VW];
-    vf_store(bd[0], best0); vf_store(bd[1], best1); vf_store(bd[2], best2); vf_store(bd[3], best3);
-    vf_store(br[0], row0); vf_store(br[1], row1); vf_store(br[2], row2); vf_store(br[3], row3);
+    vf gminv = vf_load(gT);
+    for (uint32_t B = 1; B < CVQ_SUBCODES; B++)
+        gminv = vf_min(vf_load(gT + (size_t)B * VW), gminv);
+    vf_store(gm, gminv);
     for (uint32_t l = 0; l < VW; l++) {
-        float d0 = INFINITY;
-        uint32_t kk = 0;
-        for (uint32_t j = 0; j < 4; j++) {
-            const float bj = bd[j][l];
-            if (!(bj < INFINITY)) continue; /* no candidate in this chain */
-            const uint32_t A = (uint32_t)br[j][l];
-            const float fA = fT[(size_t)A * VW + l];
-            uint32_t k = 0;
-            for (uint32_t B = j; B < CVQ_SUBCODES; B += 4)
-                if ((fA + gT[(size_t)B * VW + l]) + G[(size_t)A * CVQ_SUBCODES + B] == bj) {
-                    k = A * CVQ_SUBCODES + B;
-                    break;
-                }
-            if (bj < d0 || (bj == d0 && k < kk)) {
-                d0 = bj;
-                kk = k;
-            }
+        const float *f = fl[l], *g = gl[l];
+        float lb[CVQ_SUBCODES], db[CVQ_SUBCODES];
+        const vf gmv = vf_set1(gm[l]);
+        vf lmin = inf;
+        for (uint32_t A = 0; A < CVQ_SUBCODES; A += VW) {
+            const vf v = vf_add(vf_add(vf_load(f + A), gmv), vf_load(Gmin + A));
+            vf_store(lb + A, v);
+            lmin = vf_min(v, lmin); /* a NaN bound is left out */
         }
-        kbest[l] = kk;
+        /* seed: the first row whose bound is the smallest (or NaN) */
+        uint64_t todo = KFN(key_ngt_mask)(lb, vf_hmin(lmin));
+        uint64_t left = ~(uint64_t)0; /* rows not visited yet */
+        float best = INFINITY;
+        uint32_t kb = 0;
+        while (todo) {
+            const uint32_t A = KFN(key_ctz)(todo);
+            left &= ~((uint64_t)1 << A);
+            const vf fA = vf_set1(f[A]);
+            const float *GA = G + (size_t)A * CVQ_SUBCODES;
+            vf rm = inf;
+            for (uint32_t B = 0; B < CVQ_SUBCODES; B += VW) {
+                const vf dv = vf_add(vf_add(fA, vf_load(g + B)), vf_load(GA + B));
+                vf_store(db + B, dv);
+                rm = vf_min(dv, rm); /* NaN distances never win */
+            }
+            const float r = vf_hmin(rm);
+            /* r < +Inf is the value of some db[B] (min returns an operand) */
+            if (r < best || (r == best && r < INFINITY)) {
+                uint32_t B = 0;
+                while (!(db[B] == r)) B++; /* lowest B of the row holding r */
+                const uint32_t k = A * CVQ_SUBCODES + B;
+                if (r < best || k < kb) {
+                    best = r;
+                    kb = k;
+                }
+            }
+            todo = left & KFN(key_ngt_mask)(lb, best);
+        }
+        kbest[l] = kb;
     }
+}
+
+/* key_argmin with its row minima: the kernel table's key_argmin (tests). */
+static void KFN(key_argmin_stage)(const float *fT, const float *gT, const float *G,
+                                  uint32_t *kbest) {
+    float Gmin[CVQ_SUBCODES];
+    KFN(key_row_mins)(G, Gmin);
+    KFN(key_argmin)(fT, gT, G, Gmin, kbest);
 }
 
 /* Vectors of tokens per key work item: each stage's tables (48 KB) are
@@ -144,6 +222,7 @@ static void KFN(key_head_batch)(const cvq_layer_view *lv, uint32_t h, const floa
     /* zT[sb][i][l]: residual of lane l of token vector sb, head layout (d <= 256) */
     float zT[KEY_SUB][256 * VW];
     float fT[CVQ_SUBCODES * VW], gT[CVQ_SUBCODES * VW];
+    float Gmin[CVQ_SUBCODES]; /* row minima of this stage's G */
     uint32_t kbest[VW];
     bool live[KEY_SUB * VW];
 
@@ -170,10 +249,11 @@ static void KFN(key_head_batch)(const cvq_layer_view *lv, uint32_t h, const floa
         const float *w = lv->key_w + hr * CVQ_SUBCODES * P * 2;
         const float *n = lv->key_n + hr * CVQ_SUBCODES;
         const float *G = lv->key_G + hr * CVQ_SUBCODES * CVQ_SUBCODES;
+        KFN(key_row_mins)(G, Gmin);
         for (uint32_t sb = 0; sb < nsub; sb++) {
             float *z = zT[sb];
             KFN(key_dots)(w, n, z, d, layout, fT, gT);
-            KFN(key_argmin)(fT, gT, G, kbest);
+            KFN(key_argmin)(fT, gT, G, Gmin, kbest);
             for (uint32_t l = 0; l < VW && sb * VW + l < nb; l++) {
                 const uint32_t tl = sb * VW + l;
                 const uint32_t k = live[tl] ? kbest[l] : 0u;
@@ -589,5 +669,5 @@ static void KFN(attn_expand)(const float *accg, uint32_t Nc, uint32_t nhp, const
 static const cvq_cpu_kernels KFN(table) = {
     CVQ_SIMD_ISA, CVQ_SIMD_ISA_NAME, KEY_SUB * VW, VL,
     KFN(key_head_batch), KFN(value_batch), KFN(attn_logits), KFN(attn_values_group),
-    KFN(attn_expand),
+    KFN(attn_expand), VW, KFN(key_argmin_stage),
 };

@@ -44,6 +44,12 @@ static inline vf vf_round(vf a) {
     return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+/* bit i set where !(a[i] > b[i]): a <= b, or either is NaN */
+static inline uint32_t vf_ngt_bits(vf a, vf b) {
+    return (uint32_t)_mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ);
+}
+/* smallest lane (callers pass no NaN) */
+static inline float vf_hmin(vf a) { return _mm512_reduce_min_ps(a); }
 /* Lane-wise: where d < best (ordered: false for NaN), best = d, idx = k. */
 static inline void vf_keep_less(vf *best, vf *idx, vf d, vf k) {
     const __mmask16 m = _mm512_cmp_ps_mask(d, *best, _CMP_LT_OQ);
@@ -99,6 +105,15 @@ static inline float vf_hsum(vf a) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
+}
+static inline uint32_t vf_ngt_bits(vf a, vf b) {
+    return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NGT_UQ));
+}
+static inline float vf_hmin(vf a) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
 }
 static inline void vf_keep_less(vf *best, vf *idx, vf d, vf k) {
     const vf m = _mm256_cmp_ps(d, *best, _CMP_LT_OQ);
@@ -178,6 +193,15 @@ static inline vf vf_round(vf a) {
     return r;
 }
 
+static inline float vf_hmin(vf a) {
+    const float x = a.v[0] < a.v[1] ? a.v[0] : a.v[1], y = a.v[2] < a.v[3] ? a.v[2] : a.v[3];
+    return x < y ? x : y;
+}
+static inline uint32_t vf_ngt_bits(vf a, vf b) {
+    uint32_t m = 0;
+    for (int i = 0; i < 4; i++) m |= (uint32_t)!(a.v[i] > b.v[i]) << i;
+    return m;
+}
 static inline void vf_keep_less(vf *best, vf *idx, vf d, vf k) {
     for (int i = 0; i < 4; i++)
         if (d.v[i] < best->v[i]) {
