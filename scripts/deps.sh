@@ -3,7 +3,8 @@
 # Used by scripts/demo.sh, scripts/test.sh and .ci/run. Needs root (or sudo).
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config libcmocka-dev valgrind
-      libvulkan-dev mesa-vulkan-drivers vulkan-validationlayers glslang-tools spirv-tools)
+      libvulkan-dev mesa-vulkan-drivers vulkan-validationlayers glslang-tools spirv-tools
+      clang libclang-rt-14-dev)  # clang + its runtimes: scripts/sanitize.sh, scripts/fuzz.sh
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
