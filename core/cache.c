@@ -413,6 +413,21 @@ cvq_status cvq_cache_attend(cvq_cache *c, const float *queries, const int32_t *q
     cvq__stage_release(ctx, &so);
     cvq__stage_release(ctx, &sp);
     cvq__stage_release(ctx, &sq);
+    if (!st) {
+        /* Finite queries and keys can still overflow a logit (|q| and |k|
+         * near sqrt(FLT_MAX)): never hand back NaN/Inf as a result. The
+         * output is zeroed (a defined value) and the call fails. */
+        for (size_t i = 0; i < n_q * per_q; i++) {
+            if (!isfinite(out[i])) {
+                size_t q = i / per_q, h = (i % per_q) / c->g.head_dim;
+                memset(out, 0, bytes);
+                return CVQ_FAIL(ctx, CVQ_ERR_INPUT_RANGE,
+                                "attention overflowed for query %zu, head %zu (queries or keys too "
+                                "large for binary32 logits); output zeroed",
+                                q, h);
+            }
+        }
+    }
     return st;
 }
 

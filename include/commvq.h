@@ -441,7 +441,8 @@ CVQ_API cvq_status cvq_cache_append(cvq_cache *cache, const void *keys,
 /* Attention of n_q queries [n_q][Hq][d] (fp32) at positions q_pos[n_q] over
  * [sinks | compressed | window], one softmax, causal (a query sees tokens
  * at positions <= its own). out [n_q][Hq][d] fp32. A query that sees no
- * token gets zeros. */
+ * token gets zeros. Queries and keys so large that a logit overflows binary32
+ * give CVQ_ERR_INPUT_RANGE with out zeroed, never NaN/Inf in out. */
 CVQ_API cvq_status cvq_cache_attend(cvq_cache *cache, const float *queries,
                                     const int32_t *q_pos, size_t n_q,
                                     uint32_t flags, float *out);
