@@ -5,6 +5,7 @@
 # The committed seed corpus (fuzz/corpus/<h>) is copied to build-fuzz/work/<h>
 # and grown there; crashes land in build-fuzz/work/crash-<h>/. A crash found
 # becomes a regression input: copy it to fuzz/regress/<h>/ (ctest replays it).
+# COMMVQ_FUZZ_SEED (default 1) seeds libFuzzer, so a run can be repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-60}"; shift || true
@@ -27,6 +28,6 @@ for h in "${harnesses[@]}"; do
   echo "fuzz: $h for ${secs}s"
   # -rss_limit_mb: a malformed header may ask for a large (valid) model;
   # the loader must refuse absurd sizes before allocating, not the fuzzer.
-  ./build-fuzz/fuzz/fuzz_"$h" -max_total_time="$secs" -rss_limit_mb=2048 -timeout=30 \
+  ./build-fuzz/fuzz/fuzz_"$h" -max_total_time="$secs" -seed="${COMMVQ_FUZZ_SEED:-1}" -rss_limit_mb=2048 -timeout=30 \
     -artifact_prefix="$crash/" -print_final_stats=1 "$work" 2>&1 | tail -n 15
 done
