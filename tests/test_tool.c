@@ -32,49 +32,22 @@
 #include <sys/wait.h>
 
 #include "commvq.h"
+#include "tool_run.h"
 
 static char g_tool[1024];
 static char g_dir[1024];
 
 /* ---- running the tool ------------------------------------------------------ */
 
-typedef struct run_result {
-    int status;      /* exit status, or -1 if it did not exit normally */
-    char out[16384]; /* stdout (truncated) */
-    char err[16384]; /* stderr (truncated) */
-} run_result;
+static tool_run g_run;
 
-static run_result g_run;
-
-static void slurp(const char *path, char *buf, size_t cap) {
-    FILE *f = fopen(path, "rb");
-    size_t n = 0;
-    buf[0] = '\0';
-    if (f == NULL) return;
-    n = fread(buf, 1, cap - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-}
-
-/* Runs "<tool> <args>" through the shell (args are already quoted where
- * needed; our paths contain no quotes) and captures its output. */
+/* Runs "<tool> <args>" (stderr redirected to a file: not a terminal). */
 static int run_tool(const char *fmt, ...) {
-    char args[4096], cmd[8192], outp[1200], errp[1200];
     va_list ap;
-    int rc;
     va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
+    const int rc = tool_run_v(&g_run, g_tool, g_dir, fmt, ap);
     va_end(ap);
-    snprintf(outp, sizeof outp, "%s/stdout.txt", g_dir);
-    snprintf(errp, sizeof errp, "%s/stderr.txt", g_dir);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>'%s'", g_tool, args, outp, errp);
-    rc = system(cmd);
-    slurp(outp, g_run.out, sizeof g_run.out);
-    slurp(errp, g_run.err, sizeof g_run.err);
-    g_run.status = (rc != -1 && WIFEXITED(rc)) ? WEXITSTATUS(rc) : -1;
-    if (g_run.status != 0)
-        print_message("  [commvq %s] exit %d\n  stderr: %s\n", args, g_run.status, g_run.err);
-    return g_run.status;
+    return rc;
 }
 
 /* A path in the scratch folder. Rotates over 8 buffers so that one
@@ -354,7 +327,7 @@ static void test_export(void **state) {
     assert_int_equal(cvq_rope_freqs_default(G_D, 10000.0, mytheta), CVQ_OK);
     assert_int_equal(cvq_codebook_random(&g, mytheta, G_SEED, NULL, &mine), CVQ_OK);
 
-    slurp(path_in("exp/manifest.tsv"), manifest, sizeof manifest);
+    tool_slurp(path_in("exp/manifest.tsv"), manifest, sizeof manifest);
     for (i = 0; i < sizeof want / sizeof want[0]; i++) {
         const expected_tensor *w = &want[i];
         size_t per;
@@ -408,7 +381,7 @@ static void test_export(void **state) {
     tnpy_free(&a);
 
     /* geometry.tsv carries the geometry */
-    slurp(path_in("exp/geometry.tsv"), manifest, sizeof manifest);
+    tool_slurp(path_in("exp/geometry.tsv"), manifest, sizeof manifest);
     assert_non_null(strstr(manifest, "n_layers\t2\n"));
     assert_non_null(strstr(manifest, "n_q_heads\t6\n"));
     assert_non_null(strstr(manifest, "key_scale\thead\n"));

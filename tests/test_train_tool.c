@@ -30,6 +30,7 @@
 #include <sys/wait.h>
 
 #include "commvq.h"
+#include "tool_run.h"
 #include "commvq_train.h"
 
 static char g_tool[1024];
@@ -38,42 +39,15 @@ static int g_have_tool;
 
 /* ---- running the tool ------------------------------------------------------ */
 
-typedef struct run_result {
-    int status;
-    char out[16384];
-    char err[65536];
-} run_result;
-
-static run_result g_run;
-
-static void slurp(const char *path, char *buf, size_t cap) {
-    FILE *f = fopen(path, "rb");
-    size_t n = 0;
-    buf[0] = '\0';
-    if (f == NULL) return;
-    n = fread(buf, 1, cap - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-}
+static tool_run g_run;
 
 /* Runs "<tool> <args>" (stderr redirected to a file: not a terminal). */
 static int run_tool(const char *fmt, ...) {
-    char args[4096], cmd[8192], outp[1200], errp[1200];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
+    const int rc = tool_run_v(&g_run, g_tool, g_dir, fmt, ap);
     va_end(ap);
-    snprintf(outp, sizeof outp, "%s/stdout.txt", g_dir);
-    snprintf(errp, sizeof errp, "%s/stderr.txt", g_dir);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>'%s'", g_tool, args, outp, errp);
-    const int rc = system(cmd);
-    slurp(outp, g_run.out, sizeof g_run.out);
-    slurp(errp, g_run.err, sizeof g_run.err);
-    g_run.status = (rc != -1 && WIFEXITED(rc)) ? WEXITSTATUS(rc) : -1;
-    if (g_run.status != 0)
-        print_message("  [commvq %s] exit %d\n  stderr: %.2000s\n", args, g_run.status,
-                      g_run.err);
-    return g_run.status;
+    return rc;
 }
 
 static const char *path_in(const char *name) {
