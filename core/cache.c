@@ -13,7 +13,8 @@
  *
  * Every append is all-or-nothing: inputs are checked and converted, the
  * compressed block is encoded into temporaries and capacity is grown
- * before any state changes.
+ * before any state changes. A copy (fork) duplicates every array's bytes
+ * as they are, so it never re-encodes.
  */
 #include "backend.h"
 #include "reference.h"
@@ -76,6 +77,34 @@ static void release_all(cvq_cache *c) {
     cvq__buffer_free(ctx, &c->win_pos);
 }
 
+/* The largest host bounce copy_bytes() allocates: a copy of a long cache
+ * held in device memory goes through in pieces of this size rather than
+ * one host block as large as the cache. */
+#define CVQ_CACHE_BOUNCE_BYTES ((size_t)1 << 20)
+
+/* Copies the first `bytes` bytes of `from` to the start of `to` (buffers of
+ * ctx). When both are host-visible this is a memcpy; otherwise the bytes go
+ * through a host bounce (read, then write), piece by piece. */
+static cvq_status copy_bytes(cvq_context *ctx, const cvq_buffer *from, const cvq_buffer *to,
+                             size_t bytes) {
+    if (bytes == 0) return CVQ_OK;
+    if (from->host && to->host) {
+        memcpy(to->host, from->host, bytes);
+        return CVQ_OK;
+    }
+    const size_t piece = bytes < CVQ_CACHE_BOUNCE_BYTES ? bytes : CVQ_CACHE_BOUNCE_BYTES;
+    void *tmp = cvq__alloc(&ctx->alloc, piece);
+    if (!tmp) return CVQ_FAIL(ctx, CVQ_ERR_OUT_OF_MEMORY, "cache copy bounce (%zu bytes)", piece);
+    cvq_status st = CVQ_OK;
+    for (size_t off = 0; off < bytes && !st; off += piece) {
+        const size_t n = bytes - off < piece ? bytes - off : piece;
+        st = cvq__buffer_read(ctx, from, off, tmp, n);
+        if (!st) st = cvq__buffer_write(ctx, to, off, tmp, n);
+    }
+    cvq__free(&ctx->alloc, tmp);
+    return st;
+}
+
 /* Grows the compressed arrays to hold at least `need` tokens. On failure
  * the cache is unchanged. */
 static cvq_status grow(cvq_cache *c, size_t need) {
@@ -103,22 +132,8 @@ static cvq_status grow(cvq_cache *c, size_t need) {
     }
     cvq_buffer *ob[5];
     comp_bufs(c, ob);
-    /* Copy the records in use (through a host bounce for device buffers). */
-    for (int i = 0; i < 5 && !st && c->n_comp; i++) {
-        size_t bytes = c->n_comp * sz[i];
-        if (nb[i].host && ob[i]->host) {
-            memcpy(nb[i].host, ob[i]->host, bytes);
-        } else {
-            void *tmp = cvq__alloc(&ctx->alloc, bytes);
-            if (!tmp) {
-                st = CVQ_FAIL(ctx, CVQ_ERR_OUT_OF_MEMORY, "cache growth bounce (%zu bytes)", bytes);
-                break;
-            }
-            st = cvq__buffer_read(ctx, ob[i], 0, tmp, bytes);
-            if (!st) st = cvq__buffer_write(ctx, &nb[i], 0, tmp, bytes);
-            cvq__free(&ctx->alloc, tmp);
-        }
-    }
+    /* Copy the records in use. */
+    for (int i = 0; i < 5 && !st; i++) st = copy_bytes(ctx, ob[i], &nb[i], c->n_comp * sz[i]);
     if (st) {
         for (int i = 0; i < 5; i++) cvq__buffer_free(ctx, &nb[i]);
         return st;
@@ -185,6 +200,59 @@ cvq_status cvq_cache_clear(cvq_cache *c) {
     c->n_sink = c->n_win = c->n_comp = 0;
     c->n_total = 0;
     c->has_last = false;
+    return CVQ_OK;
+}
+
+cvq_status cvq_cache_copy(const cvq_cache *src, cvq_cache **out) {
+    if (out) *out = NULL;
+    if (!src || !out)
+        return CVQ_FAIL(src ? src->ctx : NULL, CVQ_ERR_NULL_POINTER, "src and out are required");
+    cvq_context *ctx = src->ctx;
+    cvq_cache_params p = cvq_cache_default_params();
+    p.layer = src->layer;
+    p.window = src->window;
+    p.sinks = src->sinks;
+    p.initial_capacity = 0; /* the compressed arrays are sized below */
+    cvq_cache *c = NULL;
+    cvq_status st = cvq_cache_create(ctx, src->cb, &p, &c);
+    if (st) return st;
+
+    /* The same capacity as the source: a fork usually goes on growing the
+     * same sequence, and the two caches then report the same statistics. */
+    size_t sz[5];
+    comp_sizes(c, sz);
+    cvq_buffer *nb[5];
+    comp_bufs(c, nb);
+    const cvq_buffer *ob[5] = {&src->c_codes, &src->c_kscale, &src->c_vbits, &src->c_vsigma, &src->c_pos};
+    for (int i = 0; i < 5 && !st && src->cap_comp; i++) {
+        size_t bytes;
+        if (!cvq__mul_size(src->cap_comp, sz[i], &bytes))
+            st = CVQ_FAIL(ctx, CVQ_ERR_SIZE_OVERFLOW, "cache of %zu tokens overflows size_t", src->cap_comp);
+        else
+            st = cvq__buffer_alloc(ctx, bytes, nb[i]);
+    }
+    if (!st) c->cap_comp = src->cap_comp;
+
+    /* The bytes as they are: records, sinks and window are never re-encoded. */
+    const size_t tok = c->kvd * sizeof(float);
+    for (int i = 0; i < 5 && !st; i++) st = copy_bytes(ctx, ob[i], nb[i], src->n_comp * sz[i]);
+    if (!st) st = copy_bytes(ctx, &src->sink_k, &c->sink_k, src->n_sink * tok);
+    if (!st) st = copy_bytes(ctx, &src->sink_v, &c->sink_v, src->n_sink * tok);
+    if (!st) st = copy_bytes(ctx, &src->sink_pos, &c->sink_pos, src->n_sink * sizeof(int32_t));
+    if (!st) st = copy_bytes(ctx, &src->win_k, &c->win_k, src->n_win * tok);
+    if (!st) st = copy_bytes(ctx, &src->win_v, &c->win_v, src->n_win * tok);
+    if (!st) st = copy_bytes(ctx, &src->win_pos, &c->win_pos, src->n_win * sizeof(int32_t));
+    if (st) {
+        cvq_cache_free(c);
+        return st;
+    }
+    c->n_sink = src->n_sink;
+    c->n_win = src->n_win;
+    c->n_comp = src->n_comp;
+    c->has_last = src->has_last;
+    c->last_pos = src->last_pos;
+    c->n_total = src->n_total;
+    *out = c;
     return CVQ_OK;
 }
 

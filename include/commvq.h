@@ -464,6 +464,17 @@ CVQ_API cvq_status cvq_cache_stats_get(const cvq_cache *cache,
                                        cvq_cache_stats *out);
 /* Forget every token (keeps allocations). */
 CVQ_API cvq_status cvq_cache_clear(cvq_cache *cache);
+/* Fork a cache (shared prompt prefix, beam search, parallel sampling): *out
+ * is a new cache on the same context and codebook, with the same layer,
+ * window and sinks, holding exactly src's state (sinks, window, compressed
+ * records, positions, the last position, token counts) and src's capacity.
+ * The compressed bytes are copied as they are (no re-encoding): the cost is
+ * O(bytes) (device buffers go through a host bounce). Later appends to either
+ * cache do not affect the other. Both keep pointing at the same codebook,
+ * which must outlive both; use src and *out from src's context's thread.
+ * On any error (NULL arguments, CVQ_ERR_OUT_OF_MEMORY, a device error) *out
+ * is NULL (when out is non-NULL), nothing is leaked and src is unchanged. */
+CVQ_API cvq_status cvq_cache_copy(const cvq_cache *src, cvq_cache **out);
 
 #ifdef __cplusplus
 }
