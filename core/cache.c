@@ -308,6 +308,12 @@ cvq_status cvq_cache_append(cvq_cache *c, const void *keys, const void *values,
     if (n == 0) return CVQ_OK;
     if (!keys || !values || !positions)
         return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "keys, values and positions are required");
+    /* Before reading positions[0..n): a count whose fp32 keys overflow
+     * size_t cannot describe real arrays (found by test_misuse: the loop
+     * below ran off the end of the caller's positions). */
+    size_t in_bytes;
+    if (!cvq__mul_size(n, c->kvd * sizeof(float), &in_bytes))
+        return CVQ_FAIL(ctx, CVQ_ERR_SIZE_OVERFLOW, "%zu tokens overflow size_t", n);
     for (size_t i = 0; i < n; i++) {
         int32_t prev = i ? positions[i - 1] : c->last_pos;
         bool has_prev = i || c->has_last;

@@ -15,8 +15,10 @@ Checks:
      still full precision inside the library's cache): same tolerance, which
      checks the keys/queries-before-RoPE wiring through cvq_cache_attend;
   3. --batch 1 and --batch 6 give bit-identical logits (fp32 cache, and a
-     commvq cache whose window of 4 compresses tokens in mid-batch), and so
-     do --threads 1 and --threads 2;
+     commvq cache whose window of 4 compresses tokens in mid-batch), so do
+     --batch 1 and --batch 32 over 43 tokens with the CPU's kernels and with
+     the portable ones (COMMVQ_CPU_ISA=portable, also checked against the
+     reference), and so do --threads 1 and --threads 2;
   4. dump mode: q/k/v before RoPE (first and last layer, two sequences)
      match the reference; pos.npy and seq_start.npy are exact;
   5. generate: the built-in question (greedy, fp32 cache) is answered with
@@ -27,7 +29,8 @@ Checks:
 Environment: COMMVQ_LLAMA = path of the commvq-llama binary (set by ctest);
 COMMVQ_MODEL = the .gguf (default: the newest .gguf under
 $COMMVQ_MODEL_DIR or ~/.cache/commvq/models, as scripts/fetch-model.sh
-stores it). Exits 77 (ctest SKIP) when the model or a package is missing.
+stores it). Exits 77 (ctest SKIP) when the model or a package is missing,
+unless COMMVQ_REQUIRE_MODEL=1 (CI), which makes that a failure.
 """
 import glob
 import os
@@ -40,6 +43,10 @@ TOL_ABS = 2e-3  # logits are O(10); observed 5e-5 (fp32 vs float64 sums)
 
 
 def skip(msg):
+    # CI sets COMMVQ_REQUIRE_MODEL=1: there the model and packages must be present
+    if os.environ.get("COMMVQ_REQUIRE_MODEL") == "1":
+        print("FAILED (COMMVQ_REQUIRE_MODEL=1): " + msg)
+        sys.exit(1)
     print("SKIPPED: " + msg)
     sys.exit(SKIP)
 
@@ -286,6 +293,37 @@ def main():
                               run_c(binary, model, tokens, extra, batch=6))
         print("%s: batch 1 and batch 6 logits bit-identical: %s"
               % (" ".join(extra), "yes" if same else "NO (FAIL)"))
+        ok &= same
+    # The weight products (examples/llama/matmul.c) run one token through a
+    # fused kernel and a batch through register tiles of several rows x
+    # tokens, the last few tokens of a batch through the one-token tile:
+    # --batch 1 and --batch 32 must still give the same bits. 43 tokens =
+    # one batch of 32 plus 11 (not a multiple of the token tile). Both the
+    # kernels chosen for this CPU and the portable C ones (COMMVQ_CPU_ISA),
+    # which must also match the reference.
+    long_tokens = tokens + tokens[1:] + tokens[1:]
+    long_tokens = long_tokens[:43]
+    for isa in (None, "portable"):
+        saved = os.environ.get("COMMVQ_CPU_ISA")
+        if isa:
+            os.environ["COMMVQ_CPU_ISA"] = isa
+        try:
+            b1 = run_c(binary, model, long_tokens, ["--kv", "fp32"], batch=1)
+            b32 = run_c(binary, model, long_tokens, ["--kv", "fp32"], batch=32)
+            if isa:
+                ok &= compare("fp32 cache, %s kernels" % isa, ref,
+                              run_c(binary, model, tokens, ["--kv", "fp32"]))
+        finally:
+            if saved is None:
+                os.environ.pop("COMMVQ_CPU_ISA", None)
+            else:
+                os.environ["COMMVQ_CPU_ISA"] = saved
+        same = np.array_equal(b1, b32)
+        if not same:
+            bad = np.argwhere(b1 != b32)
+            print("  first differing (token, logit): %s of %d" % (bad[0].tolist(), len(bad)))
+        print("%s kernels, %d tokens: batch 1 and batch 32 logits bit-identical: %s"
+              % (isa or "default", len(long_tokens), "yes" if same else "NO (FAIL)"))
         ok &= same
     same = np.array_equal(run_c(binary, model, tokens, ["--kv", "fp32"], threads=2),
                           run_c(binary, model, tokens, ["--kv", "fp32"], threads=1))

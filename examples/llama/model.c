@@ -1,9 +1,9 @@
 /*
- * LLaMA forward pass (see model.h). Matrix-vector products dequantize one
- * weight row at a time into a per-thread buffer and take its dot product
- * with each of the batch's input vectors; OpenMP splits the rows.
+ * LLaMA forward pass (see model.h). The weight products are matmul.c's
+ * (register-blocked, OpenMP over the rows).
  */
 #include "model.h"
+#include "matmul.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -105,126 +105,10 @@ static float dot(const float *a, const float *b, size_t n) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + t;
 }
 
-/* Q4_1 and Q8_0 (the formats of SmolLM2's file) have kernels that keep the
- * block scale out of the inner product. A row is first unpacked block by
- * block into the integer values as floats (qv) and its scales, then
- * q41_block / q80_block accumulate per lane j across the blocks, so the
- * compiler can vectorize them; the lanes are summed at the end in a fixed
- * order. One token at a time unpacks each block just before use; a batch
- * unpacks the row once and reuses it for every token. Both call the same
- * block functions, so the result is bit-identical for any batch size. */
-static int has_kernel(uint32_t type) {
-    return type == GGML_Q4_1 || type == GGML_Q8_0;
-}
-
-/* Q4_1 block: byte j holds values j (low nibble) and j+16 (high nibble);
- * value = q * d + m. */
-static void unpack_q41(const uint8_t *blk, float *qv, float *d, float *m) {
-    uint32_t j;
-    *d = f16(blk);
-    *m = f16(blk + 2);
-    for (j = 0; j < 16; j++) {
-        qv[j] = (float)(blk[4 + j] & 15);
-        qv[j + 16] = (float)(blk[4 + j] >> 4);
-    }
-}
-
-/* Q8_0 block: value = q * d. */
-static void unpack_q80(const uint8_t *blk, float *qv, float *d) {
-    uint32_t j;
-    *d = f16(blk);
-    for (j = 0; j < 32; j++) qv[j] = (float)(int8_t)blk[2 + j];
-}
-
-/* sum_j (q_j d + m) x_j over one block, lane j < 16 taking elements j and
- * j+16: d (q_j x_j + q_j+16 x_j+16) + m (x_j + x_j+16). */
-static void q41_block(float *acc, float d, float m, const float *qv, const float *x) {
-    uint32_t j;
-    for (j = 0; j < 16; j++)
-        acc[j] += d * (qv[j] * x[j] + qv[j + 16] * x[j + 16]) + m * (x[j] + x[j + 16]);
-}
-
-static void q80_block(float *acc, float d, const float *qv, const float *x) {
-    uint32_t j;
-    for (j = 0; j < 32; j++) acc[j] += d * (qv[j] * x[j]);
-}
-
-static float lanes_sum(const float *acc) {
-    float s = 0.0f;
-    uint32_t j;
-    for (j = 0; j < 32; j++) s += acc[j];
-    return s;
-}
-
-/* Row r of w (a type with kernels) dotted with one vector x. */
-static float kernel_dot(const weight *w, uint32_t r, const float *x) {
-    const uint8_t *p = w->data + (size_t)r * w->row_bytes;
-    uint32_t i, nb = w->cols / 32;
-    float acc[32] = {0}, qv[32], d, m;
-    for (i = 0; i < nb; i++, x += 32) {
-        if (w->type == GGML_Q4_1) {
-            unpack_q41(p + (size_t)i * 20, qv, &d, &m);
-            q41_block(acc, d, m, qv, x);
-        } else {
-            unpack_q80(p + (size_t)i * 34, qv, &d);
-            q80_block(acc, d, qv, x);
-        }
-    }
-    return lanes_sum(acc);
-}
-
-/* The same with the row unpacked beforehand (qrow [cols], ds/ms [cols/32]). */
-static float unpacked_dot(uint32_t type, uint32_t cols, const float *qrow, const float *ds,
-                          const float *ms, const float *x) {
-    uint32_t i, nb = cols / 32;
-    float acc[32] = {0};
-    for (i = 0; i < nb; i++) {
-        if (type == GGML_Q4_1) q41_block(acc, ds[i], ms[i], qrow + 32 * i, x + 32 * i);
-        else q80_block(acc, ds[i], qrow + 32 * i, x + 32 * i);
-    }
-    return lanes_sum(acc);
-}
-
-/* out[t][r] = W[r] . x[t] for t < n (x rows of w->cols, out rows of w->rows). */
+/* out[t][r] = W[r] . x[t] for t < n (x rows of w->cols, out rows of w->rows):
+ * the register-blocked kernels of matmul.c, bit-identical for any n. */
 static int matmul(float *out, const weight *w, const float *x, size_t n) {
-    int failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel reduction(| : failed)
-#endif
-    {
-        /* the row (unpacked or dequantized) and, for kernels, its scales */
-        float *row = (float *)malloc(sizeof(float) * (w->cols + 2 * (w->cols / 32 + 1)));
-        float *ds = row ? row + w->cols : NULL, *ms = ds ? ds + w->cols / 32 + 1 : NULL;
-        long r;
-        if (!row) failed = 1;
-        else {
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 32)
-#endif
-            for (r = 0; r < (long)w->rows; r++) {
-                size_t t;
-                if (has_kernel(w->type) && n == 1) {
-                    out[r] = kernel_dot(w, (uint32_t)r, x);
-                } else if (has_kernel(w->type)) {
-                    const uint8_t *p = w->data + (size_t)r * w->row_bytes;
-                    uint32_t i;
-                    for (i = 0; i < w->cols / 32; i++) {
-                        if (w->type == GGML_Q4_1) unpack_q41(p + (size_t)i * 20, row + 32 * i, &ds[i], &ms[i]);
-                        else unpack_q80(p + (size_t)i * 34, row + 32 * i, &ds[i]);
-                    }
-                    for (t = 0; t < n; t++)
-                        out[t * w->rows + (size_t)r] =
-                            unpacked_dot(w->type, w->cols, row, ds, ms, x + t * w->cols);
-                } else {
-                    dequant_row(w, (uint32_t)r, row);
-                    for (t = 0; t < n; t++)
-                        out[t * w->rows + (size_t)r] = dot(row, x + t * w->cols, w->cols);
-                }
-            }
-        }
-        free(row);
-    }
-    return failed ? -1 : 0;
+    return mm_matmul(out, w, x, n);
 }
 
 static void rmsnorm(float *out, const float *x, const float *wt, uint32_t dim,
@@ -471,6 +355,7 @@ int llama_state_init(llama_state *s, const llama_model *m, kv_kind kind,
     s->kind = kind;
     s->max_ctx = max_ctx;
     s->max_batch = max_batch;
+    s->window = window;
     if (max_batch == 0 || max_ctx == 0) {
         merr(err, errlen, "batch and context must be >= 1");
         return -1;
@@ -496,7 +381,6 @@ int llama_state_init(llama_state *s, const llama_model *m, kv_kind kind,
         s->caches = (cvq_cache **)calloc(hp->n_layers, sizeof(cvq_cache *));
         if (!s->caches) goto oom;
         cp.window = window;
-    s->window = window;
         for (l = 0; l < hp->n_layers; l++) {
             cvq_status st;
             cp.layer = l;
@@ -527,6 +411,42 @@ int llama_state_reset(llama_state *s, char *err, size_t errlen) {
                 return -1;
             }
         }
+    return 0;
+}
+
+int llama_state_copy(llama_state *dst, const llama_state *src, char *err, size_t errlen) {
+    const llama_hparams *hp = &src->m->hp;
+    size_t kd = (size_t)hp->n_kv_heads * hp->head_dim;
+    uint32_t l;
+    if (dst->m != src->m || dst->kind != src->kind) {
+        merr(err, errlen, "state copy between different models or KV kinds");
+        return -1;
+    }
+    if (src->kind == KV_FP32) {
+        if (src->n_past > dst->max_ctx) {
+            merr(err, errlen, "state copy: %u tokens do not fit a context of %u", src->n_past,
+                 dst->max_ctx);
+            return -1;
+        }
+        for (l = 0; l < hp->n_layers; l++) {
+            size_t so = (size_t)l * src->max_ctx * kd, d0 = (size_t)l * dst->max_ctx * kd;
+            memcpy(dst->k_cache + d0, src->k_cache + so, sizeof(float) * src->n_past * kd);
+            memcpy(dst->v_cache + d0, src->v_cache + so, sizeof(float) * src->n_past * kd);
+        }
+    } else {
+        for (l = 0; l < hp->n_layers; l++) {
+            cvq_cache *c = NULL;
+            cvq_status st = cvq_cache_copy(src->caches[l], &c);
+            if (st != CVQ_OK) {
+                merr(err, errlen, "cvq_cache_copy(layer %u): %s: %s", l, cvq_status_name(st),
+                     cvq_last_error());
+                return -1;
+            }
+            cvq_cache_free(dst->caches[l]);
+            dst->caches[l] = c;
+        }
+    }
+    dst->n_past = src->n_past;
     return 0;
 }
 
@@ -565,7 +485,7 @@ uint64_t llama_kv_bytes(const llama_state *s) {
 
 /* Plain attention over the fp32 cache of layer l for the batch's n tokens
  * (token t at position n_past + t, already stored): q rotated in place. */
-static void attend_fp32(llama_state *s, uint32_t l, size_t n) {
+static void attend_fp32(llama_state *s, uint32_t l, size_t first, size_t n) {
     const llama_hparams *hp = &s->m->hp;
     uint32_t Hq = hp->n_heads, Hkv = hp->n_kv_heads, d = hp->head_dim;
     size_t kd = (size_t)Hkv * d;
@@ -573,10 +493,11 @@ static void attend_fp32(llama_state *s, uint32_t l, size_t n) {
     const float *V = s->v_cache + (size_t)l * s->max_ctx * kd;
     float scale = 1.0f / sqrtf((float)d);
     long th;
+    /* th runs over (batch token t in [first, first+n), query head h) */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1)
 #endif
-    for (th = 0; th < (long)(n * Hq); th++) {
+    for (th = (long)(first * Hq); th < (long)((first + n) * Hq); th++) {
         size_t t = (size_t)th / Hq, j, npos = s->n_past + t + 1;
         uint32_t h = (uint32_t)((size_t)th % Hq), kvh = h * Hkv / Hq, i;
         const float *q = s->q + (t * Hq + h) * d;
@@ -640,7 +561,34 @@ int llama_forward(llama_state *s, const int32_t *tokens, size_t n,
             }
             memcpy(s->k_cache + base, s->k, sizeof(float) * n * kd);
             memcpy(s->v_cache + base, s->v, sizeof(float) * n * kd);
-            attend_fp32(s, l, n);
+            if (!s->kvq) {
+                attend_fp32(s, l, 0, n);
+            } else {
+                /* Emulated format: the same sub-batches and flush points as
+                 * the commvq cache below. Tokens [0, C(N)) of N are
+                 * quantized, C(N) = floor((N-1)/W)*W (W = 0: C(N) = N). */
+                size_t done = 0, W = s->window;
+                while (done < n) {
+                    size_t k = n - done, N0 = s->n_past + done, N1, c0, c1;
+                    if (W > 0) {
+                        size_t nwin = N0 - (N0 ? (N0 - 1) / W * W : 0);
+                        size_t w1 = nwin >= W ? 1 : nwin + 1, allowed = 1 + (W - w1);
+                        if (k > allowed) k = allowed;
+                    }
+                    N1 = N0 + k;
+                    c0 = W ? (N0 ? (N0 - 1) / W * W : 0) : N0;
+                    c1 = W ? (N1 - 1) / W * W : N1;
+                    if (c1 > c0) {
+                        size_t off = ((size_t)l * s->max_ctx + c0) * kd;
+                        if (s->kvq(s->kvq_user, l, c1 - c0, s->k_cache + off, s->v_cache + off)) {
+                            merr(err, errlen, "KV quantizer failed (layer %u)", l);
+                            return -1;
+                        }
+                    }
+                    attend_fp32(s, l, done, k);
+                    done += k;
+                }
+            }
         } else {
             /* Token-by-token semantics with batched calls: a query must not
              * see a token compressed by an append that, decoding one token

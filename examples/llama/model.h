@@ -58,6 +58,16 @@ typedef void (*llama_qkv_hook)(void *user, uint32_t layer, size_t n,
 
 typedef enum kv_kind { KV_FP32 = 0, KV_COMMVQ = 1 } kv_kind;
 
+/* Emulates another KV format on the fp32 cache (bench/quality's baselines):
+ * called with each block of n tokens of layer `layer` that leaves the
+ * full-precision window, exactly when a commvq cache with the same window
+ * would compress it (window W > 0: the W oldest window tokens, once a token
+ * arrives to a full window; W = 0: every token on arrival). k and v are
+ * [n][Hkv*d] rows of the cache (keys after RoPE, as the cache stores them),
+ * quantized and dequantized in place. Returns 0, or -1 to fail the call. */
+typedef int (*llama_kv_quantizer)(void *user, uint32_t layer, size_t n, float *k,
+                                  float *v);
+
 typedef struct llama_state {
     const llama_model *m;
     kv_kind kind;
@@ -65,7 +75,9 @@ typedef struct llama_state {
     uint32_t n_past;       /* tokens in the cache; next position */
     float *k_cache, *v_cache; /* fp32: [L][max_ctx][Hkv*d], keys rotated */
     cvq_cache **caches;    /* commvq: one per layer */
-    uint32_t window;       /* commvq: full-precision window W */
+    uint32_t window;       /* commvq, or fp32 with kvq: full-precision window W */
+    llama_kv_quantizer kvq;/* fp32 only: optional, set after init (NULL: exact) */
+    void *kvq_user;
     llama_qkv_hook hook;
     void *hook_user;
     /* scratch, sized for max_batch tokens */
@@ -82,6 +94,11 @@ int llama_state_init(llama_state *s, const llama_model *m, kv_kind kind,
 void llama_state_free(llama_state *s);
 /* Forgets every token. */
 int llama_state_reset(llama_state *s, char *err, size_t errlen);
+/* Makes dst hold src's tokens (a fork: later calls on either do not affect
+ * the other). dst was initialised for the same model and KV kind (commvq:
+ * its caches are replaced by cvq_cache_copy of src's; fp32: max_ctx large
+ * enough). Used to share a long prefix between evaluation trials. */
+int llama_state_copy(llama_state *dst, const llama_state *src, char *err, size_t errlen);
 
 /* Runs n tokens (n <= max_batch) at positions n_past.. and appends them to
  * the cache. logits (may be NULL) receives [n_logits][n_vocab] for the
