@@ -74,7 +74,7 @@ typedef struct setting {
 } setting;
 
 typedef struct options {
-    const char *model, *essays, *cb1, *cb2, *backend, *out, *settings;
+    const char *model, *essays, *cb1, *cb2, *backend, *out, *settings, *command;
     size_t ctx[MAX_CTX];
     int n_ctx, trials, threads, batch;
     size_t scored, passkey_tokens, window, kvd;
@@ -102,6 +102,7 @@ static void usage(void) {
         "  --threads N         OpenMP threads (default: all)\n"
         "  --seed S            passkey numbers (default 1)\n"
         "  --out FILE          Markdown report (default: stdout only)\n"
+        "  --command TEXT      the command to quote in the report (default: this one)\n"
         "  --check R           exit 1 if CommVQ-2 perplexity > R x FP32 at any length\n");
 }
 
@@ -509,7 +510,8 @@ static void report(FILE *f, setting *S, int n, const options *o, const char *mac
     fprintf(f, "Measured %s on %s; %zu held-out tokens from %d essays; %.0f s in all.\n\n", date,
             machine, n_tokens, n_files, seconds);
     fprintf(f, "Command:\n\n```\n");
-    for (i = 0; i < argc; i++) fprintf(f, "%s%s", i ? " " : "", argv[i]);
+    if (o->command) fprintf(f, "%s\n  # runs:", o->command);
+    for (i = 0; i < argc; i++) fprintf(f, "%s%s", i || o->command ? " " : "", argv[i]);
     fprintf(f, "\n```\n");
 }
 
@@ -589,6 +591,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--settings")) o.settings = v;
         else if (!strcmp(a, "--backend")) o.backend = v;
         else if (!strcmp(a, "--out")) o.out = v;
+        else if (!strcmp(a, "--command")) o.command = v;
         else if (!strcmp(a, "--ctx")) {
             o.n_ctx = parse_list_size(v, o.ctx, MAX_CTX);
             if (o.n_ctx <= 0) {

@@ -13,13 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ESSAYS="${ESSAYS:-../shared/data/pg-essays}"
 OUT="${OUT:-docs/quality.md}"
-[ -x build/examples/commvq-quality ] || bash scripts/build.sh
+BIN="${QUALITY_BIN:-build/examples/commvq-quality}"   # QUALITY_BIN: another build's binary
+[ -x "$BIN" ] || bash scripts/build.sh
 model="$(bash scripts/fetch-model.sh)"
 table="$(mktemp)"
 trap 'rm -f "$table"' EXIT
-./build/examples/commvq-quality -m "$model" --essays "$ESSAYS" \
+"$BIN" -m "$model" --essays "$ESSAYS" \
     --cb1 models/smollm2-135m/commvq-1bit.cvq --cb2 models/smollm2-135m/commvq-2bit.cvq \
-    --out "$table" "$@"
+    --command "bench/quality/run.sh $*" --out "$table" "$@"
 {
   cat <<'EOF'
 # Quality: SmolLM2-135M with a compressed KV cache
