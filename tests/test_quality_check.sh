@@ -9,7 +9,7 @@
 # Environment (set by ctest): COMMVQ_QUALITY (the commvq-quality binary),
 # COMMVQ_SOURCE (the repository root); COMMVQ_MODEL overrides the model.
 set -uo pipefail
-MARGIN="${COMMVQ_QUALITY_MARGIN:-1.15}"
+MARGIN="${COMMVQ_QUALITY_MARGIN:-1.20}"
 src="${COMMVQ_SOURCE:?}"
 essays="${COMMVQ_ESSAYS:-$src/../shared/data/pg-essays}"
 model="${COMMVQ_MODEL:-}"
