@@ -92,7 +92,7 @@ static void usage(void) {
     fprintf(stderr,
         "usage: commvq-quality -m MODEL.gguf --essays DIR --cb1 F --cb2 F [options]\n"
         "  --settings LIST     default FP32,CommVQ-2,CommVQ-1,KIVI-2,q4_0\n"
-        "  --ctx LIST          perplexity context lengths (default 512,2048)\n"
+        "  --ctx LIST          perplexity context lengths (default 512,2048; 0 = none)\n"
         "  --scored N          scored tokens per setting and length (default 4096)\n"
         "  --trials N          passkey trials per depth (default 20; 0 = no passkey)\n"
         "  --passkey-tokens N  passkey context (default 2048)\n"
@@ -455,6 +455,7 @@ static void report(FILE *f, setting *S, int n, const options *o, const char *mac
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", gmtime(&now));
     for (i = 0; i < n; i++)
         if (S[i].kind == S_FP32) fp = i;
+    if (o->n_ctx > 0) {
     fprintf(f, "## Perplexity (held-out essays, teacher forcing, W = %zu)\n\n", o->window);
     fprintf(f, "| setting |");
     for (c = 0; c < o->n_ctx; c++) fprintf(f, " PPL @ %zu |", o->ctx[c]);
@@ -481,6 +482,7 @@ static void report(FILE *f, setting *S, int n, const options *o, const char *mac
                "not counted). Counted separately, every setting keeps the %zu most recent "
                "tokens (the window) in fp32: %zu x 2 x %zu x 4 bytes = %.0f KiB per layer.\n\n",
             o->window, o->window, o->kvd, (double)o->window * 2.0 * (double)o->kvd * 4.0 / 1024.0);
+    }
     if (o->trials > 0) {
         fprintf(f, "## Passkey retrieval (%zu-token essay context, %d trials per depth)\n\n",
                 o->passkey_tokens, o->trials);
@@ -519,6 +521,7 @@ static void report(FILE *f, setting *S, int n, const options *o, const char *mac
 
 static int parse_list_size(const char *s, size_t *out, int cap) {
     int n = 0;
+    if (!strcmp(s, "0")) return 0; /* no perplexity */
     while (*s && n < cap) {
         char *e;
         unsigned long v = strtoul(s, &e, 10);
@@ -594,7 +597,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--command")) o.command = v;
         else if (!strcmp(a, "--ctx")) {
             o.n_ctx = parse_list_size(v, o.ctx, MAX_CTX);
-            if (o.n_ctx <= 0) {
+            if (o.n_ctx < 0) {
                 fprintf(stderr, "error: --ctx wants lengths like 512,2048\n");
                 return 2;
             }
