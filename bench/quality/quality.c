@@ -55,7 +55,10 @@
 #define MAX_SETTINGS 8
 #define MAX_CTX 8
 #define N_DEPTHS 3
-static const double k_depths[N_DEPTHS] = {0.1, 0.5, 0.9};
+/* passkey depths in the order they run (--depths may reorder them, so that
+ * a run stopped early has the cheapest ones: a late needle leaves few
+ * tokens to decode after it) */
+static double k_depths[N_DEPTHS] = {0.1, 0.5, 0.9};
 
 typedef enum { S_FP32, S_COMMVQ, S_KIVI, S_Q40 } setting_kind;
 
@@ -101,6 +104,7 @@ static void usage(void) {
         "  --batch B           tokens per forward call (default 64)\n"
         "  --threads N         OpenMP threads (default: all)\n"
         "  --seed S            passkey numbers (default 1)\n"
+        "  --depths A,B,C      passkey depths in run order (default 0.1,0.5,0.9)\n"
         "  --out FILE          Markdown report (default: stdout only)\n"
         "  --command TEXT      the command to quote in the report (default: this one)\n"
         "  --check R           exit 1 if CommVQ-2 perplexity > R x FP32 at any length\n");
@@ -356,7 +360,16 @@ static int passkey(setting *st, const llama_model *m, const tokenizer *tk, cvq_c
     for (di = 0; di < N_DEPTHS; di++) {
         /* haystack tokens [0, n_hay): the needle goes before token `at` */
         size_t at = word_start(tk, hay, n_hay, (size_t)(k_depths[di] * (double)n_hay));
-        uint64_t rng = o->seed * 1000003ull + (uint64_t)di;
+        /* the numbers of a depth do not depend on the run order: stream 0, 1, 2
+         * for the default depths 10%, 50%, 90%, else one from the depth */
+        uint64_t stream = 100u + (uint64_t)(k_depths[di] * 1000.0 + 0.5), rng;
+        {
+            static const double k_default[N_DEPTHS] = {0.1, 0.5, 0.9};
+            int q;
+            for (q = 0; q < N_DEPTHS; q++)
+                if (fabs(k_depths[di] - k_default[q]) < 1e-9) stream = (uint64_t)q;
+        }
+        rng = o->seed * 1000003ull + stream;
         int tr;
         st->pk_ok[di] = st->pk_n[di] = 0;
         if (llama_state_reset(&base, err, sizeof err)) goto fail;
@@ -609,6 +622,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--threads")) o.threads = atoi(v);
         else if (!strcmp(a, "--seed")) o.seed = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--check")) o.check = atof(v);
+        else if (!strcmp(a, "--depths")) {
+            if (sscanf(v, "%lf,%lf,%lf", &k_depths[0], &k_depths[1], &k_depths[2]) != 3) {
+                fprintf(stderr, "error: --depths wants three fractions like 0.9,0.5,0.1\n");
+                return 2;
+            }
+        }
         else {
             fprintf(stderr, "error: unknown option %s\n", a);
             usage();
