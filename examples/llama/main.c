@@ -24,6 +24,7 @@
 
 #include "commvq.h"
 #include "gguf.h"
+#include "matmul.h"
 #include "model.h"
 #include "npy.h"
 #include "tokenizer.h"
@@ -242,7 +243,7 @@ static int make_state(const options *o, const llama_model *m, uint32_t max_ctx,
     memset(ks, 0, sizeof *ks);
     if (strcmp(o->kv, "fp32") == 0) {
         kind = KV_FP32;
-        snprintf(ks->desc, sizeof ks->desc, "fp32 (model on the CPU)");
+        snprintf(ks->desc, sizeof ks->desc, "fp32 (model on the CPU, %s kernels)", mm_kernel_name());
     } else if (strcmp(o->kv, "commvq") == 0) {
         kind = KV_COMMVQ;
         if (setup_commvq(o, m, ks)) return -1;

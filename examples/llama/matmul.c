@@ -330,6 +330,11 @@ static void mm_init(void) {
     }
 }
 
+void mm_dequant_row(const weight *w, uint32_t r, float *out) {
+    mm_init();
+    dequant_row(w, r, out);
+}
+
 const char *mm_kernel_name(void) {
     mm_init();
     return use_avx2 ? "avx2" : "portable";

@@ -19,6 +19,10 @@
  * the rows. Returns 0, or -1 when a scratch buffer cannot be allocated. */
 int mm_matmul(float *out, const weight *w, const float *x, size_t n);
 
+/* Row r of w as fp32 into out[w->cols] (the embedding lookup; the same
+ * dequantization as the portable kernels). */
+void mm_dequant_row(const weight *w, uint32_t r, float *out);
+
 /* "avx2" or "portable": the kernels mm_matmul uses in this process (the
  * best the CPU supports; COMMVQ_CPU_ISA=portable forces the C one). */
 const char *mm_kernel_name(void);

@@ -29,71 +29,6 @@ static void merr(char *err, size_t errlen, const char *fmt, ...) {
     va_end(ap);
 }
 
-/* binary16 -> binary32 for every bit pattern (exact, built once) */
-static float f16_table[65536];
-static int f16_ready;
-
-static void init_f16(void) {
-    uint32_t i;
-    if (f16_ready) return;
-    for (i = 0; i < 65536; i++) f16_table[i] = cvq_f16_to_f32((uint16_t)i);
-    f16_ready = 1;
-}
-
-static float f16(const uint8_t *p) {
-    return f16_table[(uint16_t)(p[0] | (p[1] << 8))];
-}
-
-/* Dequantizes row r of w into out[w->cols]. Block layouts as in ggml:
- *  Q4_0: fp16 d, 16 bytes; value j = (lo nibble of byte j - 8) * d,
- *        value j+16 = (hi nibble of byte j - 8) * d
- *  Q4_1: fp16 d, fp16 m, 16 bytes; value j = lo(j) * d + m, j+16 = hi(j)*d + m
- *  Q8_0: fp16 d, 32 int8; value j = q[j] * d */
-static void dequant_row(const weight *w, uint32_t r, float *out) {
-    const uint8_t *p = w->data + (size_t)r * w->row_bytes;
-    uint32_t i, j, nb = w->cols / 32;
-    switch (w->type) {
-    case GGML_F32:
-        memcpy(out, p, sizeof(float) * w->cols);
-        break;
-    case GGML_F16:
-        for (i = 0; i < w->cols; i++) out[i] = f16(p + 2 * i);
-        break;
-    case GGML_BF16:
-        for (i = 0; i < w->cols; i++) {
-            uint32_t b = (uint32_t)(p[2 * i] | (p[2 * i + 1] << 8)) << 16;
-            memcpy(&out[i], &b, 4);
-        }
-        break;
-    case GGML_Q4_0:
-        for (i = 0; i < nb; i++, p += 18, out += 32) {
-            float d = f16(p);
-            for (j = 0; j < 16; j++) {
-                out[j] = (float)((int)(p[2 + j] & 15) - 8) * d;
-                out[j + 16] = (float)((int)(p[2 + j] >> 4) - 8) * d;
-            }
-        }
-        break;
-    case GGML_Q4_1:
-        for (i = 0; i < nb; i++, p += 20, out += 32) {
-            float d = f16(p), m = f16(p + 2);
-            for (j = 0; j < 16; j++) {
-                out[j] = (float)(p[4 + j] & 15) * d + m;
-                out[j + 16] = (float)(p[4 + j] >> 4) * d + m;
-            }
-        }
-        break;
-    case GGML_Q8_0:
-        for (i = 0; i < nb; i++, p += 34, out += 32) {
-            float d = f16(p);
-            for (j = 0; j < 32; j++) out[j] = (float)(int8_t)p[2 + j] * d;
-        }
-        break;
-    default:
-        break; /* refused at load time */
-    }
-}
-
 /* Eight partial sums so that the compiler can vectorize without
  * reassociating. */
 static float dot(const float *a, const float *b, size_t n) {
@@ -201,7 +136,6 @@ int llama_load(const gguf_file *f, llama_model *m, char *err, size_t errlen) {
     uint32_t l, rope_dims;
     float *pool;
     memset(m, 0, sizeof(*m));
-    init_f16();
     if (!arch || arch->type != GGUF_T_STRING || arch->str.len == 0 ||
         arch->str.len >= sizeof a) {
         merr(err, errlen, "general.architecture is missing");
@@ -485,6 +419,24 @@ uint64_t llama_kv_bytes(const llama_state *s) {
 
 /* Plain attention over the fp32 cache of layer l for the batch's n tokens
  * (token t at position n_past + t, already stored): q rotated in place. */
+/* Tokens of the first N that a cache with window W (no sinks, as this
+ * program creates them) holds compressed: blocks of W leave the window when
+ * a token arrives to a full one; W = 0 compresses every token on arrival. */
+static size_t compressed_of(size_t N, size_t W) {
+    return W ? (N ? (N - 1) / W * W : 0) : N;
+}
+
+/* The longest sub-batch of at most k tokens after the first N0 whose
+ * queries see the cache of token-by-token decoding: it may start with the
+ * arrival that flushes a full window, then only fill the window again. */
+static size_t sub_batch(size_t N0, size_t k, size_t W) {
+    size_t nwin, allowed;
+    if (W == 0) return k;
+    nwin = N0 - compressed_of(N0, W);
+    allowed = nwin >= W ? W : W - nwin;
+    return k < allowed ? k : allowed;
+}
+
 static void attend_fp32(llama_state *s, uint32_t l, size_t first, size_t n) {
     const llama_hparams *hp = &s->m->hp;
     uint32_t Hq = hp->n_heads, Hkv = hp->n_kv_heads, d = hp->head_dim;
@@ -541,7 +493,7 @@ int llama_forward(llama_state *s, const int32_t *tokens, size_t n,
             merr(err, errlen, "token id %d out of range", tokens[t]);
             return -1;
         }
-        dequant_row(&m->tok_embd, (uint32_t)tokens[t], s->x + t * hp->dim);
+        mm_dequant_row(&m->tok_embd, (uint32_t)tokens[t], s->x + t * hp->dim);
         pos[t] = (int32_t)(s->n_past + t);
     }
     for (l = 0; l < hp->n_layers; l++) {
@@ -569,15 +521,8 @@ int llama_forward(llama_state *s, const int32_t *tokens, size_t n,
                  * quantized, C(N) = floor((N-1)/W)*W (W = 0: C(N) = N). */
                 size_t done = 0, W = s->window;
                 while (done < n) {
-                    size_t k = n - done, N0 = s->n_past + done, N1, c0, c1;
-                    if (W > 0) {
-                        size_t nwin = N0 - (N0 ? (N0 - 1) / W * W : 0);
-                        size_t w1 = nwin >= W ? 1 : nwin + 1, allowed = 1 + (W - w1);
-                        if (k > allowed) k = allowed;
-                    }
-                    N1 = N0 + k;
-                    c0 = W ? (N0 ? (N0 - 1) / W * W : 0) : N0;
-                    c1 = W ? (N1 - 1) / W * W : N1;
+                    size_t N0 = s->n_past + done, k = sub_batch(N0, n - done, W);
+                    size_t c0 = compressed_of(N0, W), c1 = compressed_of(N0 + k, W);
                     if (c1 > c0) {
                         size_t off = ((size_t)l * s->max_ctx + c0) * kd;
                         if (s->kvq(s->kvq_user, l, c1 - c0, s->k_cache + off, s->v_cache + off)) {
@@ -600,18 +545,8 @@ int llama_forward(llama_state *s, const int32_t *tokens, size_t n,
              * exact. */
             size_t done = 0;
             while (done < n) {
-                size_t k = n - done;
-                cvq_status st = CVQ_OK;
-                if (s->window > 0) {
-                    cvq_cache_stats cs;
-                    size_t w1, allowed;
-                    st = cvq_cache_stats_get(s->caches[l], &cs);
-                    w1 = cs.n_window >= s->window ? 1 : (size_t)cs.n_window + 1;
-                    allowed = 1 + (s->window - w1);
-                    if (k > allowed) k = allowed;
-                }
-                if (st == CVQ_OK)
-                    st = cvq_cache_append(s->caches[l], s->k + done * kd, s->v + done * kd,
+                size_t k = sub_batch(s->n_past + done, n - done, s->window);
+                cvq_status st = cvq_cache_append(s->caches[l], s->k + done * kd, s->v + done * kd,
                                           CVQ_F32, pos + done, k);
                 if (st == CVQ_OK)
                     st = cvq_cache_attend(s->caches[l], s->q + done * qd, pos + done, k, 0,
