@@ -48,6 +48,72 @@ static float dot_full(const float *qr, const float *k, int32_t pos, uint32_t d,
     return acc;
 }
 
+/* The arithmetic loops below are out of line (CVQ__NOINLINE) so that the fuzz
+ * build can leave them out of coverage (fuzz/coverage-ignore.txt): they have
+ * no branch but their counters, and instrumenting them cost most of an API
+ * fuzzing execution. */
+
+/* Qt[r][a][p] = conj(q'_p) * w[r][a][p] for one KV head's stages
+ * (w = [R][64][P][2]): (qx - i qy)(wx + i wy) = (qx wx + qy wy) + i (qx wy - qy wx). */
+static CVQ__NOINLINE void query_tables(const float *wkv, uint32_t R, uint32_t d,
+                                       cvq_pair_layout layout, const float *qr, float *Qt) {
+    const uint32_t P = d / 2;
+    for (size_t ra = 0; ra < (size_t)R * CVQ_SUBCODES; ra++) {
+        const float *w = wkv + ra * P * 2;
+        float *qt = Qt + ra * P * 2;
+        for (uint32_t p = 0; p < P; p++) {
+            uint32_t ire, iim;
+            cvq__pair_index(layout, d, p, &ire, &iim);
+            const float qx = qr[ire], qy = qr[iim];
+            qt[2 * p] = qx * w[2 * p] + qy * w[2 * p + 1];
+            qt[2 * p + 1] = qx * w[2 * p + 1] - qy * w[2 * p];
+        }
+    }
+}
+
+/* q' . k'_n of a compressed token (before its key scale), from KV head kv's
+ * codes (A_r, B_r), r = 0..R-1, in the packed record:
+ * sum_p Re(e^{i theta_p n} * S_p), S_p = sum_r (Qt[r][A_r][p] + i * Qt[r][B_r][p]). */
+static CVQ__NOINLINE float code_dot(const float *Qt, const uint8_t *packed, uint32_t kv,
+                                    uint32_t R, uint32_t P, const uint64_t *rope_t,
+                                    int32_t n) {
+    uint32_t cA[32], cB[32];
+    for (uint32_t r = 0; r < R; r++) {
+        const uint32_t code = code12_at(packed, kv * R + r);
+        cA[r] = code / CVQ_SUBCODES;
+        cB[r] = code % CVQ_SUBCODES;
+    }
+    float dot = 0.0f;
+    for (uint32_t p = 0; p < P; p++) {
+        float sre = 0.0f, sim = 0.0f;
+        for (uint32_t r = 0; r < R; r++) {
+            const float *qA = Qt + ((size_t)r * CVQ_SUBCODES + cA[r]) * P * 2;
+            const float *qB = Qt + ((size_t)r * CVQ_SUBCODES + cB[r]) * P * 2;
+            /* i * (x + i y) = -y + i x */
+            sre = sre + (qA[2 * p] - qB[2 * p + 1]);
+            sim = sim + (qA[2 * p + 1] + qB[2 * p]);
+        }
+        float c, sn;
+        cvq_rope_cos_sin(rope_t[p], n, &c, &sn);
+        dot = dot + (c * sre - sn * sim);
+    }
+    return dot;
+}
+
+/* out[f] += (ls+eps)[c0+f] * sum_b acc[b] * E[b][c0+f], f = 0..d-1: the one
+ * codebook product of the compressed values (E = [Nc][F] of the group). */
+static CVQ__NOINLINE void code_values_out(const float *acc, const float *E,
+                                          const float *ls_eps, uint32_t Nc, uint32_t F,
+                                          uint32_t c0, uint32_t d, float *out) {
+    for (uint32_t f = 0; f < d; f++) {
+        float sum = 0.0f;
+        for (uint32_t b = 0; b < Nc; b++) {
+            sum = sum + acc[b] * E[(size_t)b * F + c0 + f];
+        }
+        out[f] = out[f] + ls_eps[c0 + f] * sum;
+    }
+}
+
 cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
                           const cvq_attend_host *a) {
     const cvq_geometry *g = lv->g;
@@ -107,20 +173,9 @@ cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
                 cvq_rope_apply(qr, d, (int)layout, lv->rope_t, qpos);
             }
 
-            /* Qt[r][a][p] = conj(q'_p) * w[kv][r][a][p]:
-             * (qx - i qy)(wx + i wy) = (qx wx + qy wy) + i (qx wy - qy wx) */
-            const float *wkv = lv->key_w + (size_t)kv * R * CVQ_SUBCODES * P * 2;
-            for (size_t ra = 0; ra < (size_t)R * CVQ_SUBCODES; ra++) {
-                const float *w = wkv + ra * P * 2;
-                float *qt = Qt + ra * P * 2;
-                for (uint32_t p = 0; p < P; p++) {
-                    uint32_t ire, iim;
-                    cvq__pair_index(layout, d, p, &ire, &iim);
-                    const float qx = qr[ire], qy = qr[iim];
-                    qt[2 * p] = qx * w[2 * p] + qy * w[2 * p + 1];
-                    qt[2 * p + 1] = qx * w[2 * p + 1] - qy * w[2 * p];
-                }
-            }
+            /* Qt[r][a][p] = conj(q'_p) * w[kv][r][a][p] */
+            query_tables(lv->key_w + (size_t)kv * R * CVQ_SUBCODES * P * 2, R, d, layout,
+                         qr, Qt);
 
             /* Logits of every visible token; seen[u] marks causality. */
             size_t u = 0;
@@ -139,32 +194,9 @@ cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
                 if (!seen[u]) {
                     continue;
                 }
-                const uint8_t *packed = a->comp_codes + t * code_bytes;
                 const float s = a->comp_kscale[t * ns + (ns == 1 ? 0 : kv)];
-                /* the codes of KV head kv: (A_r, B_r), r = 0..R-1 */
-                uint32_t cA[32], cB[32];
-                for (uint32_t r = 0; r < R; r++) {
-                    const uint32_t code = code12_at(packed, kv * R + r);
-                    cA[r] = code / CVQ_SUBCODES;
-                    cB[r] = code % CVQ_SUBCODES;
-                }
-                /* sum_p Re(e^{i theta_p n} * S_p),
-                 * S_p = sum_r (Qt[r][A_r][p] + i * Qt[r][B_r][p]) */
-                float dot = 0.0f;
-                for (uint32_t p = 0; p < P; p++) {
-                    float sre = 0.0f, sim = 0.0f;
-                    for (uint32_t r = 0; r < R; r++) {
-                        const float *qA = Qt + ((size_t)r * CVQ_SUBCODES + cA[r]) * P * 2;
-                        const float *qB = Qt + ((size_t)r * CVQ_SUBCODES + cB[r]) * P * 2;
-                        /* i * (x + i y) = -y + i x */
-                        sre = sre + (qA[2 * p] - qB[2 * p + 1]);
-                        sim = sim + (qA[2 * p + 1] + qB[2 * p]);
-                    }
-                    float c, sn;
-                    cvq_rope_cos_sin(lv->rope_t[p], n, &c, &sn);
-                    dot = dot + (c * sre - sn * sim);
-                }
-                lw[u] = (s * lambda) * dot;
+                lw[u] = (s * lambda) * code_dot(Qt, a->comp_codes + t * code_bytes, kv, R, P,
+                                                lv->rope_t, n);
             }
             for (size_t t = 0; t < a->n_win; t++, u++) {
                 seen[u] = a->win_pos[t] <= qpos;
@@ -230,15 +262,8 @@ cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
                 }
             }
             if (any_comp) {
-                const float *E = lv->E + gi * lv->s_E;              /* [Nc][F] */
-                const float *ls_eps = lv->val_ls_eps + gi * lv->s_vec; /* [F] */
-                for (uint32_t f = 0; f < d; f++) {
-                    float sum = 0.0f;
-                    for (uint32_t b = 0; b < Nc; b++) {
-                        sum = sum + acc[b] * E[(size_t)b * F + c0 + f];
-                    }
-                    out[f] = out[f] + ls_eps[c0 + f] * sum;
-                }
+                code_values_out(acc, lv->E + gi * lv->s_E, lv->val_ls_eps + gi * lv->s_vec,
+                                Nc, F, c0, d, out);
             }
             u = u_comp + a->n_comp;
             for (size_t t = 0; t < a->n_win; t++, u++) {
