@@ -16,9 +16,11 @@ cvq_status cvq_encode_keys(cvq_context *ctx, const cvq_codebook *cb, uint32_t la
     cvq_layer_view lv;
     cvq_status st = cvq__check_layer(ctx, cb, layer, &lv);
     if (st) return st;
+    st = cvq__check_dtype(ctx, dtype);
+    if (st) return st;
+    if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
     if (!codes || !scales)
         return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "codes and scales outputs are required");
-    if (n == 0) return CVQ_OK;
     const cvq_geometry *g = lv.g;
     size_t n_codes, code_bytes, n_scales, scale_bytes;
     if (!cvq__mul_size(n, (size_t)g->n_kv_heads * g->key_stages, &n_codes) ||
@@ -44,9 +46,11 @@ cvq_status cvq_encode_values(cvq_context *ctx, const cvq_codebook *cb, uint32_t 
     cvq_layer_view lv;
     cvq_status st = cvq__check_layer(ctx, cb, layer, &lv);
     if (st) return st;
+    st = cvq__check_dtype(ctx, dtype);
+    if (st) return st;
+    if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
     if (!bits || !sigma)
         return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "bits and sigma outputs are required");
-    if (n == 0) return CVQ_OK;
     const cvq_geometry *g = lv.g;
     size_t bit_bytes, n_sig, sig_bytes;
     if (!cvq__mul_size(n, (size_t)lv.n_groups * (g->value_bits / 8), &bit_bytes) ||
@@ -70,6 +74,7 @@ cvq_status cvq_decode_keys(cvq_context *ctx, const cvq_codebook *cb, uint32_t la
     cvq_layer_view lv;
     cvq_status st = cvq__check_layer(ctx, cb, layer, &lv);
     if (st) return st;
+    if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
     if (!codes || !scales || !keys)
         return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "codes, scales and keys are required");
     const size_t per = (size_t)lv.g->n_kv_heads * lv.g->key_stages;
@@ -94,6 +99,7 @@ cvq_status cvq_decode_values(cvq_context *ctx, const cvq_codebook *cb, uint32_t 
     cvq_layer_view lv;
     cvq_status st = cvq__check_layer(ctx, cb, layer, &lv);
     if (st) return st;
+    if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
     if (!bits || !sigma || !values)
         return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "bits, sigma and values are required");
     const size_t bytes = (size_t)lv.n_groups * (lv.g->value_bits / 8);

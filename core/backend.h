@@ -158,6 +158,8 @@ cvq_status cvq__check_layer(cvq_context *ctx, const cvq_codebook *cb, uint32_t l
 /* Converts n tokens of keys / values ([n][Hkv][d] in dtype) to a new fp32
  * array (*out, free with cvq__free(&ctx->alloc, .)) and checks the
  * contract's input rules: finite, and no sum of squares overflowing. */
+/* CVQ_ERR_INVALID_ARGUMENT unless dtype is one of cvq_dtype's values. */
+cvq_status cvq__check_dtype(cvq_context *ctx, cvq_dtype dtype);
 cvq_status cvq__load_keys(cvq_context *ctx, const cvq_layer_view *lv, const void *src,
                           cvq_dtype dtype, size_t n, float **out);
 cvq_status cvq__load_values(cvq_context *ctx, const cvq_layer_view *lv, const void *src,

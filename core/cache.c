@@ -305,7 +305,9 @@ cvq_status cvq_cache_append(cvq_cache *c, const void *keys, const void *values,
                             cvq_dtype dtype, const int32_t *positions, size_t n) {
     if (!c) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cache is NULL");
     cvq_context *ctx = c->ctx;
-    if (n == 0) return CVQ_OK;
+    cvq_status dst = cvq__check_dtype(ctx, dtype);
+    if (dst) return dst;
+    if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
     if (!keys || !values || !positions)
         return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "keys, values and positions are required");
     /* Before reading positions[0..n): a count whose fp32 keys overflow
@@ -429,11 +431,11 @@ cvq_status cvq_cache_attend(cvq_cache *c, const float *queries, const int32_t *q
                             size_t n_q, uint32_t flags, float *out) {
     if (!c) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cache is NULL");
     cvq_context *ctx = c->ctx;
-    if (n_q == 0) return CVQ_OK;
-    if (!queries || !q_pos || !out)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "queries, q_pos and out are required");
     if (flags & ~(uint32_t)CVQ_ATTEND_QUERIES_ROTATED)
         return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT, "unknown attend flags 0x%x", flags);
+    if (n_q == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
+    if (!queries || !q_pos || !out)
+        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "queries, q_pos and out are required");
     const size_t per_q = (size_t)c->g.n_q_heads * c->g.head_dim;
     size_t count, bytes;
     if (!cvq__mul_size(n_q, per_q, &count) || !cvq__mul_size(count, sizeof(float), &bytes))

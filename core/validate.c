@@ -29,13 +29,19 @@ static const char *dtype_name(cvq_dtype t) {
     return "?";
 }
 
+cvq_status cvq__check_dtype(cvq_context *ctx, cvq_dtype dtype) {
+    if (dtype != CVQ_F32 && dtype != CVQ_F16 && dtype != CVQ_BF16)
+        return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT, "dtype %d is not a cvq_dtype", (int)dtype);
+    return CVQ_OK;
+}
+
 /* Convert + finite check, shared by keys and values. */
 static cvq_status load_f32(cvq_context *ctx, const cvq_layer_view *lv, const void *src,
                            cvq_dtype dtype, size_t n, const char *what, float **out) {
     *out = NULL;
     if (!src) return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "%s is NULL", what);
-    if (dtype != CVQ_F32 && dtype != CVQ_F16 && dtype != CVQ_BF16)
-        return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT, "dtype %d is not a cvq_dtype", (int)dtype);
+    cvq_status st = cvq__check_dtype(ctx, dtype);
+    if (st) return st;
     const size_t kvd = cvq__kv_dims(lv->g);
     size_t count, bytes;
     if (!cvq__mul_size(n, kvd, &count) || !cvq__mul_size(count, sizeof(float), &bytes))

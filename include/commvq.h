@@ -11,6 +11,10 @@
  *  - A failed create/load leaves *out == NULL and leaks nothing.
  *  - A call that fails on bad input writes nothing (caches keep their state).
  *  - The library never calls abort() or exit().
+ *  - Counts of zero: a call given n = 0 tokens (n_q = 0 queries) checks its
+ *    handles, layer, dtype and flags as usual, accepts NULL for the arrays
+ *    whose length is proportional to the count, writes nothing and returns
+ *    CVQ_OK. With n > 0 every such array is required (CVQ_ERR_NULL_POINTER).
  *  - Shapes are row-major, innermost dimension last. Tensors of keys and
  *    values are [T][Hkv][d]; queries [n_q][Hq][d].
  *

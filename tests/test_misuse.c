@@ -463,6 +463,36 @@ static void test_zero_counts(void **state) {
     assert_int_equal(cvq_cache_attend(F.cache, F.q, F.qpos, 0, 0, F.out), CVQ_OK);
     cvq_pack_codes12(F.in_codes, 0, F.bits);
     cvq_unpack_codes12(F.in_bits, 0, F.codes);
+    /* commvq.h, "counts of zero": with n = 0 the arrays may be NULL ... */
+    assert_int_equal(cvq_encode_keys(F.ctx, F.cb, 0, NULL, CVQ_F16, 0, NULL, NULL), CVQ_OK);
+    assert_int_equal(cvq_encode_values(F.ctx, F.cb, 0, NULL, CVQ_BF16, 0, NULL, NULL), CVQ_OK);
+    assert_int_equal(cvq_decode_keys(F.ctx, F.cb, 0, NULL, NULL, 0, NULL), CVQ_OK);
+    assert_int_equal(cvq_decode_values(F.ctx, F.cb, 0, NULL, NULL, 0, NULL), CVQ_OK);
+    assert_int_equal(cvq_cache_append(F.cache, NULL, NULL, CVQ_F32, NULL, 0), CVQ_OK);
+    assert_int_equal(cvq_cache_attend(F.cache, NULL, NULL, 0, CVQ_ATTEND_QUERIES_ROTATED, NULL), CVQ_OK);
+    cvq_pack_codes12(NULL, 0, NULL);
+    cvq_unpack_codes12(NULL, 0, NULL);
+    assert_outputs_untouched("zero counts, NULL arrays");
+    /* ... but handles, layer, dtype and flags are checked as for any count */
+    expect_fail("encode_keys n=0 dtype 9", cvq_encode_keys(F.ctx, F.cb, 0, NULL, (cvq_dtype)9, 0, NULL, NULL),
+                CVQ_ERR_INVALID_ARGUMENT, "dtype 9");
+    expect_fail("encode_values n=0 dtype -1",
+                cvq_encode_values(F.ctx, F.cb, 0, NULL, (cvq_dtype)-1, 0, NULL, NULL),
+                CVQ_ERR_INVALID_ARGUMENT, "dtype -1");
+    expect_fail("cache_append n=0 dtype 3", cvq_cache_append(F.cache, NULL, NULL, (cvq_dtype)3, NULL, 0),
+                CVQ_ERR_INVALID_ARGUMENT, "dtype 3");
+    expect_fail("cache_attend n_q=0 flags 2", cvq_cache_attend(F.cache, NULL, NULL, 0, 2u, NULL),
+                CVQ_ERR_INVALID_ARGUMENT, "flags");
+    expect_fail("encode_keys n=0 layer 7", cvq_encode_keys(F.ctx, F.cb, 7, NULL, CVQ_F32, 0, NULL, NULL),
+                CVQ_ERR_LAYER_RANGE, "layer 7");
+    expect_fail("decode_values n=0 layer 7", cvq_decode_values(F.ctx, F.cb, 7, NULL, NULL, 0, NULL),
+                CVQ_ERR_LAYER_RANGE, "layer 7");
+    expect_fail("decode_keys n=0 NULL codebook", cvq_decode_keys(F.ctx, NULL, 0, NULL, NULL, 0, NULL),
+                CVQ_ERR_NULL_POINTER, NULL);
+    expect_fail("cache_append n=0 NULL cache", cvq_cache_append(NULL, NULL, NULL, CVQ_F32, NULL, 0),
+                CVQ_ERR_NULL_POINTER, "cache");
+    expect_fail("cache_attend n_q=0 NULL cache", cvq_cache_attend(NULL, NULL, NULL, 0, 0, NULL),
+                CVQ_ERR_NULL_POINTER, "cache");
     size_t count = 12345;
     assert_int_equal(cvq_list_devices(NULL, 0, &count), CVQ_OK);
     assert_true(count >= 1); /* the CPU */
