@@ -19,8 +19,8 @@ cvq_status cvq_encode_keys(cvq_context *ctx, const cvq_codebook *cb, uint32_t la
     st = cvq__check_dtype(ctx, dtype);
     if (st) return st;
     if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
-    if (!codes || !scales)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "codes and scales outputs are required");
+    CVQ__NONNULL(ctx, "cvq_encode_keys", codes, "codes");
+    CVQ__NONNULL(ctx, "cvq_encode_keys", scales, "scales");
     const cvq_geometry *g = lv.g;
     size_t n_codes, code_bytes, n_scales, scale_bytes;
     if (!cvq__mul_size(n, (size_t)g->n_kv_heads * g->key_stages, &n_codes) ||
@@ -49,8 +49,8 @@ cvq_status cvq_encode_values(cvq_context *ctx, const cvq_codebook *cb, uint32_t 
     st = cvq__check_dtype(ctx, dtype);
     if (st) return st;
     if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
-    if (!bits || !sigma)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "bits and sigma outputs are required");
+    CVQ__NONNULL(ctx, "cvq_encode_values", bits, "bits");
+    CVQ__NONNULL(ctx, "cvq_encode_values", sigma, "sigma");
     const cvq_geometry *g = lv.g;
     size_t bit_bytes, n_sig, sig_bytes;
     if (!cvq__mul_size(n, (size_t)lv.n_groups * (g->value_bits / 8), &bit_bytes) ||
@@ -75,8 +75,9 @@ cvq_status cvq_decode_keys(cvq_context *ctx, const cvq_codebook *cb, uint32_t la
     cvq_status st = cvq__check_layer(ctx, cb, layer, &lv);
     if (st) return st;
     if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
-    if (!codes || !scales || !keys)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "codes, scales and keys are required");
+    CVQ__NONNULL(ctx, "cvq_decode_keys", codes, "codes");
+    CVQ__NONNULL(ctx, "cvq_decode_keys", scales, "scales");
+    CVQ__NONNULL(ctx, "cvq_decode_keys", keys, "keys");
     const size_t per = (size_t)lv.g->n_kv_heads * lv.g->key_stages;
     const size_t ns = cvq__key_scale_count(lv.g), kvd = cvq__kv_dims(lv.g);
     size_t total;
@@ -100,8 +101,9 @@ cvq_status cvq_decode_values(cvq_context *ctx, const cvq_codebook *cb, uint32_t 
     cvq_status st = cvq__check_layer(ctx, cb, layer, &lv);
     if (st) return st;
     if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
-    if (!bits || !sigma || !values)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "bits, sigma and values are required");
+    CVQ__NONNULL(ctx, "cvq_decode_values", bits, "bits");
+    CVQ__NONNULL(ctx, "cvq_decode_values", sigma, "sigma");
+    CVQ__NONNULL(ctx, "cvq_decode_values", values, "values");
     const size_t bytes = (size_t)lv.n_groups * (lv.g->value_bits / 8);
     const size_t kvd = cvq__kv_dims(lv.g);
     if (!cvq__mul_size(n, bytes, &(size_t){0}) || !cvq__mul_size(n, kvd * sizeof(float), &(size_t){0}))

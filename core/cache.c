@@ -148,7 +148,7 @@ static cvq_status grow(cvq_cache *c, size_t need) {
 
 cvq_status cvq_cache_create(cvq_context *ctx, const cvq_codebook *cb,
                             const cvq_cache_params *params, cvq_cache **out) {
-    if (!out) return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "out is required");
+    CVQ__NONNULL(ctx, "cvq_cache_create", out, "out");
     *out = NULL;
     cvq_cache_params p = params ? *params : cvq_cache_default_params();
     cvq_layer_view lv;
@@ -196,7 +196,7 @@ void cvq_cache_free(cvq_cache *cache) {
 }
 
 cvq_status cvq_cache_clear(cvq_cache *c) {
-    if (!c) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cache is NULL");
+    CVQ__NONNULL(NULL, "cvq_cache_clear", c, "cache");
     c->n_sink = c->n_win = c->n_comp = 0;
     c->n_total = 0;
     c->has_last = false;
@@ -205,8 +205,8 @@ cvq_status cvq_cache_clear(cvq_cache *c) {
 
 cvq_status cvq_cache_copy(const cvq_cache *src, cvq_cache **out) {
     if (out) *out = NULL;
-    if (!src || !out)
-        return CVQ_FAIL(src ? src->ctx : NULL, CVQ_ERR_NULL_POINTER, "src and out are required");
+    CVQ__NONNULL(NULL, "cvq_cache_copy", src, "src");
+    CVQ__NONNULL(src->ctx, "cvq_cache_copy", out, "out");
     cvq_context *ctx = src->ctx;
     cvq_cache_params p = cvq_cache_default_params();
     p.layer = src->layer;
@@ -303,13 +303,14 @@ static cvq_status block_encode(cvq_cache *c, const cvq_layer_view *lv, block *b)
 
 cvq_status cvq_cache_append(cvq_cache *c, const void *keys, const void *values,
                             cvq_dtype dtype, const int32_t *positions, size_t n) {
-    if (!c) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cache is NULL");
+    CVQ__NONNULL(NULL, "cvq_cache_append", c, "cache");
     cvq_context *ctx = c->ctx;
     cvq_status dst = cvq__check_dtype(ctx, dtype);
     if (dst) return dst;
     if (n == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
-    if (!keys || !values || !positions)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "keys, values and positions are required");
+    CVQ__NONNULL(ctx, "cvq_cache_append", keys, "keys");
+    CVQ__NONNULL(ctx, "cvq_cache_append", values, "values");
+    CVQ__NONNULL(ctx, "cvq_cache_append", positions, "positions");
     /* Before reading positions[0..n): a count whose fp32 keys overflow
      * size_t cannot describe real arrays (found by test_misuse: the loop
      * below ran off the end of the caller's positions). */
@@ -429,13 +430,14 @@ done:
 
 cvq_status cvq_cache_attend(cvq_cache *c, const float *queries, const int32_t *q_pos,
                             size_t n_q, uint32_t flags, float *out) {
-    if (!c) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cache is NULL");
+    CVQ__NONNULL(NULL, "cvq_cache_attend", c, "cache");
     cvq_context *ctx = c->ctx;
     if (flags & ~(uint32_t)CVQ_ATTEND_QUERIES_ROTATED)
         return CVQ_FAIL(ctx, CVQ_ERR_INVALID_ARGUMENT, "unknown attend flags 0x%x", flags);
     if (n_q == 0) return CVQ_OK; /* arrays may be NULL (commvq.h, "counts of zero") */
-    if (!queries || !q_pos || !out)
-        return CVQ_FAIL(ctx, CVQ_ERR_NULL_POINTER, "queries, q_pos and out are required");
+    CVQ__NONNULL(ctx, "cvq_cache_attend", queries, "queries");
+    CVQ__NONNULL(ctx, "cvq_cache_attend", q_pos, "q_pos");
+    CVQ__NONNULL(ctx, "cvq_cache_attend", out, "out");
     const size_t per_q = (size_t)c->g.n_q_heads * c->g.head_dim;
     size_t count, bytes;
     if (!cvq__mul_size(n_q, per_q, &count) || !cvq__mul_size(count, sizeof(float), &bytes))
@@ -508,7 +510,8 @@ cvq_status cvq_cache_attend(cvq_cache *c, const float *queries, const int32_t *q
 }
 
 cvq_status cvq_cache_stats_get(const cvq_cache *c, cvq_cache_stats *out) {
-    if (!c || !out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cache and out are required");
+    CVQ__NONNULL(NULL, "cvq_cache_stats_get", c, "cache");
+    CVQ__NONNULL(c->ctx, "cvq_cache_stats_get", out, "out");
     memset(out, 0, sizeof *out);
     const size_t tok = c->kvd * sizeof(float);
     out->n_tokens = c->n_total;

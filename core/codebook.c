@@ -108,11 +108,10 @@ cvq_status cvq_codebook_create(const cvq_geometry *geometry,
                                const double *rope_theta,
                                const cvq_allocator *allocator,
                                cvq_codebook **out) {
-    if (!out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "codebook: out is NULL");
+    CVQ__NONNULL(NULL, "cvq_codebook_create", out, "out");
     *out = NULL;
-    if (!geometry || !rope_theta)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "codebook: geometry and rope_theta must not be NULL");
+    CVQ__NONNULL(NULL, "cvq_codebook_create", geometry, "geometry");
+    CVQ__NONNULL(NULL, "cvq_codebook_create", rope_theta, "rope_theta");
     cvq_geometry g = *geometry;
     cvq_status s = cvq_geometry_resolve(&g);
     if (s != CVQ_OK) return s;
@@ -169,17 +168,15 @@ cvq_status cvq_codebook_create(const cvq_geometry *geometry,
 /* ---- accessors -------------------------------------------------------------- */
 
 cvq_status cvq_codebook_geometry(const cvq_codebook *cb, cvq_geometry *out) {
-    if (!cb || !out)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "cvq_codebook_geometry: NULL argument");
+    CVQ__NONNULL(NULL, "cvq_codebook_geometry", cb, "cb");
+    CVQ__NONNULL(NULL, "cvq_codebook_geometry", out, "out");
     *out = cb->geom;
     return CVQ_OK;
 }
 
 cvq_status cvq_codebook_rope_theta(const cvq_codebook *cb, double *theta_out) {
-    if (!cb || !theta_out)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "cvq_codebook_rope_theta: NULL argument");
+    CVQ__NONNULL(NULL, "cvq_codebook_rope_theta", cb, "cb");
+    CVQ__NONNULL(NULL, "cvq_codebook_rope_theta", theta_out, "theta_out");
     memcpy(theta_out, cb->rope_theta, cvq__pairs(&cb->geom) * sizeof(double));
     return CVQ_OK;
 }
@@ -209,9 +206,8 @@ const char *cvq_codebook_note(const cvq_codebook *cb) {
 
 cvq_status cvq_codebook_tensor_info(const cvq_codebook *cb, cvq_tensor_id id,
                                     cvq_tensor_info *out) {
-    if (!cb || !out)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "cvq_codebook_tensor_info: NULL argument");
+    CVQ__NONNULL(NULL, "cvq_codebook_tensor_info", cb, "cb");
+    CVQ__NONNULL(NULL, "cvq_codebook_tensor_info", out, "out");
     if ((unsigned)id >= (unsigned)CVQ_T_COUNT)
         return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT,
                         "cvq_codebook_tensor_info: tensor id %u out of range",
@@ -225,11 +221,10 @@ cvq_status cvq_codebook_tensor_info(const cvq_codebook *cb, cvq_tensor_id id,
 }
 
 /* Pointer to the (layer, group) view, after checking the indices. */
-static cvq_status locate(const cvq_codebook *cb, cvq_tensor_id id,
+static cvq_status locate(const char *fn, const cvq_codebook *cb, cvq_tensor_id id,
                          uint32_t layer, uint32_t group, float **data) {
-    if (!cb || !data)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "codebook tensor data: NULL argument");
+    CVQ__NONNULL(NULL, fn, cb, "cb");
+    CVQ__NONNULL(NULL, fn, data, "data");
     if ((unsigned)id >= (unsigned)CVQ_T_COUNT)
         return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT,
                         "codebook tensor data: tensor id %u out of range",
@@ -258,7 +253,7 @@ static cvq_status locate(const cvq_codebook *cb, cvq_tensor_id id,
 cvq_status cvq_codebook_tensor_data(cvq_codebook *cb, cvq_tensor_id id,
                                     uint32_t layer, uint32_t group,
                                     float **data) {
-    cvq_status s = locate(cb, id, layer, group, data);
+    cvq_status s = locate("cvq_codebook_tensor_data", cb, id, layer, group, data);
     /* The caller may write: the derived tables are stale from now on. */
     if (s == CVQ_OK) cb->dirty = true;
     return s;
@@ -268,7 +263,7 @@ cvq_status cvq_codebook_tensor_cdata(const cvq_codebook *cb, cvq_tensor_id id,
                                      uint32_t layer, uint32_t group,
                                      const float **data) {
     float *p = NULL;
-    cvq_status s = locate(cb, id, layer, group, data ? &p : NULL);
+    cvq_status s = locate("cvq_codebook_tensor_cdata", cb, id, layer, group, data ? &p : NULL);
     if (s == CVQ_OK) *data = p;
     return s;
 }
@@ -489,8 +484,10 @@ cvq_status cvq_codebook_random(const cvq_geometry *geometry,
                                const double *rope_theta, uint64_t seed,
                                const cvq_allocator *allocator,
                                cvq_codebook **out) {
-    if (!out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "codebook: out is NULL");
+    CVQ__NONNULL(NULL, "cvq_codebook_random", out, "out");
     *out = NULL;
+    CVQ__NONNULL(NULL, "cvq_codebook_random", geometry, "geometry");
+    CVQ__NONNULL(NULL, "cvq_codebook_random", rope_theta, "rope_theta");
     cvq_codebook *cb = NULL;
     cvq_status s = cvq_codebook_create(geometry, rope_theta, allocator, &cb);
     if (s != CVQ_OK) return s;

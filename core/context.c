@@ -28,7 +28,8 @@ static bool name_eq(const char *a, const char *b) {
 }
 
 cvq_status cvq_backend_from_name(const char *name, cvq_backend_kind *out) {
-    if (!name || !out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "name and out are required");
+    CVQ__NONNULL(NULL, "cvq_backend_from_name", name, "name");
+    CVQ__NONNULL(NULL, "cvq_backend_from_name", out, "out");
     for (unsigned i = 0; i < sizeof k_names / sizeof k_names[0]; i++) {
         if (name_eq(name, k_names[i])) {
             *out = (cvq_backend_kind)i;
@@ -57,7 +58,7 @@ static cvq_status absent(cvq_context *ctx, cvq_backend_kind k) {
 }
 
 cvq_status cvq_list_devices(cvq_device_info *out, size_t cap, size_t *count) {
-    if (!count) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "count is required");
+    CVQ__NONNULL(NULL, "cvq_list_devices", count, "count");
     if (cap && !out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "out is NULL but cap > 0");
     size_t total = 0;
     for (int k = CVQ_BACKEND_CPU; k <= CVQ_BACKEND_VULKAN; k++) {
@@ -159,7 +160,7 @@ static cvq_status resolve_auto(cvq_backend_kind *kind, int *device, bool *explic
 }
 
 cvq_status cvq_context_create(const cvq_context_params *params, cvq_context **out) {
-    if (!out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "out is required");
+    CVQ__NONNULL(NULL, "cvq_context_create", out, "out");
     *out = NULL;
     cvq_context_params p = params ? *params : cvq_context_default_params();
     if ((unsigned)p.backend > CVQ_BACKEND_VULKAN)
@@ -245,7 +246,8 @@ cvq_backend_kind cvq_context_backend(const cvq_context *ctx) {
 }
 
 cvq_status cvq_context_device(const cvq_context *ctx, cvq_device_info *out) {
-    if (!ctx || !out) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "ctx and out are required");
+    CVQ__NONNULL(NULL, "cvq_context_device", ctx, "ctx");
+    CVQ__NONNULL(NULL, "cvq_context_device", out, "out");
     *out = ctx->device;
     return CVQ_OK;
 }

@@ -265,9 +265,8 @@ static cvq_status check_savable(const cvq_codebook *cb, bool fp16) {
 
 cvq_status cvq_codebook_save(const cvq_codebook *cb, const char *path,
                              uint32_t flags) {
-    if (!cb || !path)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "cvq_codebook_save: cb and path must not be NULL");
+    CVQ__NONNULL(NULL, "cvq_codebook_save", cb, "cb");
+    CVQ__NONNULL(NULL, "cvq_codebook_save", path, "path");
     if (flags & ~CVQ_SAVE_FP16)
         return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT,
                         "cvq_codebook_save: unknown flags 0x%x", flags);

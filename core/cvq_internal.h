@@ -38,6 +38,14 @@ cvq_status cvq__error(cvq_context *ctx, cvq_status s, const char *file,
 #endif
     ;
 #define CVQ_FAIL(ctx, s, ...) cvq__error((ctx), (s), __FILE__, __LINE__, __VA_ARGS__)
+/* Returns CVQ_ERR_NULL_POINTER from the enclosing function when p is NULL,
+ * with a message naming the function and the argument as the public header
+ * spells them (name is a string literal): "cvq_decode_keys: scales
+ * is NULL". One check per argument, so the message names the one at fault. */
+#define CVQ__NONNULL(ctx, fn, p, name)                                                 \
+    do {                                                                               \
+        if (!(p)) return CVQ_FAIL((ctx), CVQ_ERR_NULL_POINTER, "%s: " name " is NULL", (fn)); \
+    } while (0)
 /* Clears the thread-local message (start of each public call is not
  * required to do so; only failures write it). */
 

@@ -136,9 +136,8 @@ cvq_status cvq_geometry_resolve(cvq_geometry *g) {
 
 cvq_status cvq_record_layout_of(const cvq_geometry *geometry,
                                 cvq_record_layout *out) {
-    if (!geometry || !out)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER,
-                        "cvq_record_layout_of: geometry and out must not be NULL");
+    CVQ__NONNULL(NULL, "cvq_record_layout_of", geometry, "g");
+    CVQ__NONNULL(NULL, "cvq_record_layout_of", out, "out");
     cvq_geometry g = *geometry;
     cvq_status s = cvq_geometry_resolve(&g);
     if (s != CVQ_OK) return s;

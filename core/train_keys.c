@@ -747,8 +747,8 @@ static cvq_status check_params(const cvq_geometry *g, const cvq_key_train_params
 
 cvq_status cvq_train_keys(cvq_codebook *cb, uint32_t layer, const cvq_train_data *data,
                           const cvq_key_train_params *params, cvq_train_report *report) {
-    if (!cb || !data)
-        return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "cvq_train_keys: cb and data are required");
+    CVQ__NONNULL(NULL, "cvq_train_keys", cb, "cb");
+    CVQ__NONNULL(NULL, "cvq_train_keys", data, "data");
     const cvq_key_train_params kp =
         params ? *params : cvq_key_train_default_params();
     const cvq_geometry *g = &cb->geom;
