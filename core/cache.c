@@ -297,7 +297,7 @@ static cvq_status block_encode(cvq_cache *c, const cvq_layer_view *lv, block *b)
 
     /* Key codes in the record are packed at 12 bits, token by token. */
     for (size_t t = 0; t < nb; t++)
-        cvq_pack_codes12(b->codes + t * H * R, H * R, b->packed + t * c->rl.key_code_bytes);
+        cvq__pack_codes12(b->codes + t * H * R, H * R, b->packed + t * c->rl.key_code_bytes);
     return CVQ_OK;
 }
 

@@ -59,6 +59,8 @@ void *cvq__calloc(const cvq_allocator *a, size_t n, size_t elem);
 void cvq__free(const cvq_allocator *a, void *p);
 /* a*b and a+b with overflow detection: false on overflow. */
 bool cvq__mul_size(size_t a, size_t b, size_t *out);
+/* cvq_pack_codes12 without its checks, for codes the library made (core/record.c). */
+void cvq__pack_codes12(const uint16_t *codes, size_t n, uint8_t *out);
 bool cvq__add_size(size_t a, size_t b, size_t *out);
 
 /* ---- geometry helpers ----------------------------------------------------- */

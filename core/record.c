@@ -7,12 +7,21 @@
  *   byte 0 = c0 bits 0..7
  *   byte 1 = c0 bits 8..11 (low nibble) | c1 bits 0..3 (high nibble)
  *   byte 2 = c1 bits 4..11
- * An odd count ends with a byte whose high nibble is zero. Only the low 12
- * bits of each code are stored (a valid code is < 4096).
+ * An odd count ends with a byte whose high nibble is zero. A valid code is
+ * < 4096; the public call refuses any other rather than drop its high bits.
  */
 #include "cvq_internal.h"
 
-void cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
+/* Bytes of n packed codes, 3 per pair plus 2 for an odd last one; false
+ * when that, or the n uint16 codes, would not fit size_t. */
+static bool packed_bytes(size_t n, size_t *out) {
+    size_t pairs3;
+    if (n > SIZE_MAX / sizeof(uint16_t) || !cvq__mul_size(n / 2, 3, &pairs3)) return false;
+    return cvq__add_size(pairs3, (n % 2) * 2, out);
+}
+
+/* No checks: the cache packs codes its encoder made (all < 4096). */
+void cvq__pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
     size_t i = 0;
     for (; i + 1 < n; i += 2) {
         const unsigned c0 = codes[i] & 0xFFFu, c1 = codes[i + 1] & 0xFFFu;
@@ -29,7 +38,30 @@ void cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
     }
 }
 
-void cvq_unpack_codes12(const uint8_t *in, size_t n, uint16_t *codes) {
+cvq_status cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
+    size_t bytes;
+    if (n == 0) return CVQ_OK;
+    CVQ__NONNULL(NULL, "cvq_pack_codes12", codes, "codes");
+    CVQ__NONNULL(NULL, "cvq_pack_codes12", out, "out");
+    if (!packed_bytes(n, &bytes))
+        return CVQ_FAIL(NULL, CVQ_ERR_SIZE_OVERFLOW, "cvq_pack_codes12: %zu codes overflow size_t", n);
+    /* A code of 12 bits or more would lose its high bits: refused, nothing
+     * written (the scan comes first). */
+    for (size_t i = 0; i < n; i++)
+        if (codes[i] >= CVQ_CODES)
+            return CVQ_FAIL(NULL, CVQ_ERR_INVALID_ARGUMENT, "cvq_pack_codes12: code %u at index %zu is >= 4096",
+                            (unsigned)codes[i], i);
+    cvq__pack_codes12(codes, n, out);
+    return CVQ_OK;
+}
+
+cvq_status cvq_unpack_codes12(const uint8_t *in, size_t n, uint16_t *codes) {
+    size_t bytes;
+    if (n == 0) return CVQ_OK;
+    CVQ__NONNULL(NULL, "cvq_unpack_codes12", in, "in");
+    CVQ__NONNULL(NULL, "cvq_unpack_codes12", codes, "codes");
+    if (!packed_bytes(n, &bytes))
+        return CVQ_FAIL(NULL, CVQ_ERR_SIZE_OVERFLOW, "cvq_unpack_codes12: %zu codes overflow size_t", n);
     size_t i = 0;
     for (; i + 1 < n; i += 2) {
         const uint8_t *b = in + (i / 2) * 3;
@@ -40,4 +72,5 @@ void cvq_unpack_codes12(const uint8_t *in, size_t n, uint16_t *codes) {
         const uint8_t *b = in + (i / 2) * 3;
         codes[i] = (uint16_t)(b[0] | ((unsigned)(b[1] & 0x0Fu) << 8));
     }
+    return CVQ_OK;
 }

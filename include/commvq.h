@@ -407,8 +407,10 @@ CVQ_API cvq_status cvq_decode_values(cvq_context *ctx, const cvq_codebook *cb,
 
 /* 12-bit packing of key codes (docs/format.md): n codes -> ceil(12n/8)
  * bytes, code i in bits [12i, 12i+12) little-endian. */
-CVQ_API void cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out);
-CVQ_API void cvq_unpack_codes12(const uint8_t *in, size_t n, uint16_t *codes);
+/* Codes >= 4096 are refused (CVQ_ERR_INVALID_ARGUMENT, nothing written); a
+ * count whose arrays overflow size_t is CVQ_ERR_SIZE_OVERFLOW. */
+CVQ_API cvq_status cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out);
+CVQ_API cvq_status cvq_unpack_codes12(const uint8_t *in, size_t n, uint16_t *codes);
 
 /* ------------------------------------------------------------------------ */
 /* Cache: one layer of one sequence                                          */

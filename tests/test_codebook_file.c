@@ -392,18 +392,24 @@ static void test_pack_known_answer(void **state) {
     const uint8_t want[5] = {0xBC, 0x3A, 0x12, 0xFF, 0x0F};
     uint8_t out[6];
     memset(out, 0xEE, sizeof out);
-    cvq_pack_codes12(codes, 3, out);
+    assert_int_equal(cvq_pack_codes12(codes, 3, out), CVQ_OK);
     assert_memory_equal(out, want, 5);
     assert_int_equal(out[5], 0xEE); /* nothing written past ceil(36/8) = 5 */
     uint16_t back[3];
-    cvq_unpack_codes12(want, 3, back);
+    assert_int_equal(cvq_unpack_codes12(want, 3, back), CVQ_OK);
     assert_memory_equal(back, codes, sizeof codes);
     const uint16_t one = 0x801;
     const uint8_t want1[2] = {0x01, 0x08};
     memset(out, 0xEE, sizeof out);
-    cvq_pack_codes12(&one, 1, out);
+    assert_int_equal(cvq_pack_codes12(&one, 1, out), CVQ_OK);
     assert_memory_equal(out, want1, 2);
     assert_int_equal(out[2], 0xEE);
+    /* a code of 13 bits is refused, not cut to 12: nothing written */
+    const uint16_t big[3] = {0x001, 0x1000, 0x002};
+    memset(out, 0xEE, sizeof out);
+    assert_int_equal(cvq_pack_codes12(big, 3, out), CVQ_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(cvq_last_error(), "code 4096 at index 1"));
+    for (size_t i = 0; i < sizeof out; i++) assert_int_equal(out[i], 0xEE);
 }
 
 static void test_pack_round_trip(void **state) {
@@ -418,7 +424,7 @@ static void test_pack_round_trip(void **state) {
         }
         const size_t nb = (12 * n + 7) / 8;
         memset(out, 0xFF, sizeof out);
-        cvq_pack_codes12(codes, n, out);
+        assert_int_equal(cvq_pack_codes12(codes, n, out), CVQ_OK);
         for (size_t i = nb; i < sizeof out; i++) assert_int_equal(out[i], 0xFF);
         /* the definition: stream bit b = byte b/8, bit b%8 */
         for (size_t i = 0; i < n; i++)
@@ -427,7 +433,7 @@ static void test_pack_round_trip(void **state) {
                 assert_int_equal((out[b / 8] >> (b % 8)) & 1u, (codes[i] >> k) & 1u);
             }
         if (n % 2) assert_int_equal(out[nb - 1] >> 4, 0); /* unused nibble */
-        cvq_unpack_codes12(out, n, back);
+        assert_int_equal(cvq_unpack_codes12(out, n, back), CVQ_OK);
         if (n) assert_memory_equal(back, codes, n * sizeof codes[0]);
     }
 }

@@ -18,8 +18,7 @@
  * Not expressible in C and so not here: a cache whose geometry differs from
  * its codebook's (a cache takes its geometry from its codebook) and attention
  * on a layer out of range (a cache's layer is fixed when it is created and
- * checked then). cvq_pack_codes12 / cvq_unpack_codes12 return void, so a
- * count that overflows has no status to check.
+ * checked then).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <setjmp.h>
@@ -332,6 +331,10 @@ CALL(n_stats_out, cvq_cache_stats_get(F.cache, NULL))
 CALL(n_clear, cvq_cache_clear(NULL))
 CALL(n_copy_src, cvq_cache_copy(NULL, &s_cache))
 CALL(n_copy_out, cvq_cache_copy(F.cache, NULL))
+CALL(n_pack_codes, cvq_pack_codes12(NULL, 4, F.bits))
+CALL(n_pack_out, cvq_pack_codes12(F.in_codes, 4, NULL))
+CALL(n_unpack_in, cvq_unpack_codes12(NULL, 4, F.codes))
+CALL(n_unpack_codes, cvq_unpack_codes12(F.in_bits, 4, NULL))
 
 typedef struct null_row {
     const char *what;
@@ -416,6 +419,10 @@ static const null_row k_null_rows[] = {
     ROW(n_clear, "cvq_cache_clear: cache is NULL"),
     ROW(n_copy_src, "cvq_cache_copy: src is NULL"),
     ROW(n_copy_out, "cvq_cache_copy: out is NULL"),
+    ROW(n_pack_codes, "cvq_pack_codes12: codes is NULL"),
+    ROW(n_pack_out, "cvq_pack_codes12: out is NULL"),
+    ROW(n_unpack_in, "cvq_unpack_codes12: in is NULL"),
+    ROW(n_unpack_codes, "cvq_unpack_codes12: codes is NULL"),
 };
 
 static void test_null_pointers(void **state) {
@@ -461,8 +468,8 @@ static void test_zero_counts(void **state) {
     assert_int_equal(cvq_decode_values(F.ctx, F.cb, 0, F.in_bits, F.in_sigma, 0, F.dec), CVQ_OK);
     assert_int_equal(cvq_cache_append(F.cache, F.keys, F.vals, CVQ_F32, F.next_pos, 0), CVQ_OK);
     assert_int_equal(cvq_cache_attend(F.cache, F.q, F.qpos, 0, 0, F.out), CVQ_OK);
-    cvq_pack_codes12(F.in_codes, 0, F.bits);
-    cvq_unpack_codes12(F.in_bits, 0, F.codes);
+    assert_int_equal(cvq_pack_codes12(F.in_codes, 0, F.bits), CVQ_OK);
+    assert_int_equal(cvq_unpack_codes12(F.in_bits, 0, F.codes), CVQ_OK);
     /* commvq.h, "counts of zero": with n = 0 the arrays may be NULL ... */
     assert_int_equal(cvq_encode_keys(F.ctx, F.cb, 0, NULL, CVQ_F16, 0, NULL, NULL), CVQ_OK);
     assert_int_equal(cvq_encode_values(F.ctx, F.cb, 0, NULL, CVQ_BF16, 0, NULL, NULL), CVQ_OK);
@@ -470,8 +477,8 @@ static void test_zero_counts(void **state) {
     assert_int_equal(cvq_decode_values(F.ctx, F.cb, 0, NULL, NULL, 0, NULL), CVQ_OK);
     assert_int_equal(cvq_cache_append(F.cache, NULL, NULL, CVQ_F32, NULL, 0), CVQ_OK);
     assert_int_equal(cvq_cache_attend(F.cache, NULL, NULL, 0, CVQ_ATTEND_QUERIES_ROTATED, NULL), CVQ_OK);
-    cvq_pack_codes12(NULL, 0, NULL);
-    cvq_unpack_codes12(NULL, 0, NULL);
+    assert_int_equal(cvq_pack_codes12(NULL, 0, NULL), CVQ_OK);
+    assert_int_equal(cvq_unpack_codes12(NULL, 0, NULL), CVQ_OK);
     assert_outputs_untouched("zero counts, NULL arrays");
     /* ... but handles, layer, dtype and flags are checked as for any count */
     expect_fail("encode_keys n=0 dtype 9", cvq_encode_keys(F.ctx, F.cb, 0, NULL, (cvq_dtype)9, 0, NULL, NULL),
@@ -649,6 +656,16 @@ static void test_count_overflow(void **state) {
         snprintf(what, sizeof what, "decode_values n=%zu", n);
         expect_fail(what, cvq_decode_values(F.ctx, F.cb, 0, F.in_bits, F.in_sigma, n, F.dec),
                     CVQ_ERR_SIZE_OVERFLOW, "overflow size_t");
+    }
+    /* 12-bit packing: n codes are 2n bytes in, ceil(3n/2) out */
+    const size_t pcounts[] = {SIZE_MAX / 2 + 1, SIZE_MAX};
+    for (size_t i = 0; i < sizeof pcounts / sizeof pcounts[0]; i++) {
+        snprintf(what, sizeof what, "pack_codes12 n=%zu", pcounts[i]);
+        expect_fail(what, cvq_pack_codes12(F.in_codes, pcounts[i], F.bits), CVQ_ERR_SIZE_OVERFLOW,
+                    "overflow size_t");
+        snprintf(what, sizeof what, "unpack_codes12 n=%zu", pcounts[i]);
+        expect_fail(what, cvq_unpack_codes12(F.in_bits, pcounts[i], F.codes), CVQ_ERR_SIZE_OVERFLOW,
+                    "overflow size_t");
     }
     /* queries [n_q][Hq][d] */
     const size_t q_in = SIZE_MAX / (F.per_q * sizeof(float)) + 1;

@@ -558,7 +558,7 @@ static void expected_make(cvq_context *cpu, const model *m, const float *keys, c
     CHECK_OK(cvq_encode_keys(cpu, m->cb, 0, keys, CVQ_F32, n, x->codes, x->scales));
     CHECK_OK(cvq_encode_values(cpu, m->cb, 0, vals, CVQ_F32, n, x->bits, x->sigma));
     for (size_t t = 0; t < n; t++)
-        cvq_pack_codes12(x->codes + t * m->HR, m->HR, x->codes12 + t * m->rl.key_code_bytes);
+        CHECK_OK(cvq_pack_codes12(x->codes + t * m->HR, m->HR, x->codes12 + t * m->rl.key_code_bytes));
 }
 
 static void expected_free(expected *x) {
