@@ -48,8 +48,8 @@ static bool is_value_tensor(cvq_tensor_id id) { return id >= CVQ_T_VAL_LS; }
 
 /* Shape of one (layer, group) view of tensor `id`; returns its element
  * count (fits size_t: cvq_geometry_resolve checked every tensor's size). */
-static size_t view_shape(const cvq_geometry *g, cvq_tensor_id id,
-                         uint64_t dims[5], uint32_t *n_dims) {
+size_t cvq__tensor_view_shape(const cvq_geometry *g, cvq_tensor_id id,
+                              uint64_t dims[5], uint32_t *n_dims) {
     const uint64_t Hkv = g->n_kv_heads, R = g->key_stages, P = g->head_dim / 2;
     const uint64_t F = g->value_group_width, I = g->value_hidden;
     const uint64_t Nc = g->value_bits;
@@ -141,7 +141,7 @@ cvq_status cvq_codebook_create(const cvq_geometry *geometry,
         const cvq_tensor_id id = (cvq_tensor_id)i;
         uint64_t dims[5];
         uint32_t nd;
-        const size_t per_view = view_shape(&g, id, dims, &nd);
+        const size_t per_view = cvq__tensor_view_shape(&g, id, dims, &nd);
         const size_t views = is_value_tensor(id) ? groups : 1;
         cb->group_stride[id] = per_view;
         cb->layer_stride[id] = views * per_view;
@@ -215,7 +215,7 @@ cvq_status cvq_codebook_tensor_info(const cvq_codebook *cb, cvq_tensor_id id,
     cvq_tensor_info info;
     info.name = k_tensor_name[id];
     info.meaning = k_tensor_meaning[id];
-    info.n_elements = view_shape(&cb->geom, id, info.dims, &info.n_dims);
+    info.n_elements = cvq__tensor_view_shape(&cb->geom, id, info.dims, &info.n_dims);
     *out = info;
     return CVQ_OK;
 }

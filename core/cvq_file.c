@@ -144,14 +144,15 @@ static const cvq_tensor_id k_file_tensors[] = {
 
 /* Full file shape of a tensor kind: [L] + view shape for key_w,
  * [L][groups] + view shape for value tensors. */
-static void file_shape(const cvq_codebook *cb, cvq_tensor_id id,
+static void file_shape(const cvq_geometry *g, cvq_tensor_id id,
                        uint32_t *rank, uint64_t dims[CVQ_MAX_RANK]) {
-    cvq_tensor_info info;
-    (void)cvq_codebook_tensor_info(cb, id, &info); /* valid id: cannot fail */
+    uint64_t vd[5];
+    uint32_t nd = 0;
+    (void)cvq__tensor_view_shape(g, id, vd, &nd);
     uint32_t n = 0;
-    dims[n++] = cb->geom.n_layers;
-    if (id != CVQ_T_KEY_W) dims[n++] = cvq__value_groups(&cb->geom);
-    for (uint32_t i = 0; i < info.n_dims; i++) dims[n++] = info.dims[i];
+    dims[n++] = g->n_layers;
+    if (id != CVQ_T_KEY_W) dims[n++] = cvq__value_groups(g);
+    for (uint32_t i = 0; i < nd; i++) dims[n++] = vd[i];
     for (uint32_t i = n; i < CVQ_MAX_RANK; i++) dims[i] = 0;
     *rank = n;
 }
@@ -307,7 +308,7 @@ cvq_status cvq_codebook_save(const cvq_codebook *cb, const char *path,
         cvq_tensor_info info;
         uint32_t rank;
         (void)cvq_codebook_tensor_info(cb, id, &info);
-        file_shape(cb, id, &rank, dims);
+        file_shape(&cb->geom, id, &rank, dims);
         set_section(&secs[n], info.name, fp16 ? DT_F16 : DT_F32, rank, dims);
         secs[n++].data = cb->tensors[id];
     }
@@ -694,25 +695,27 @@ cvq_status cvq_codebook_load_memory(const void *bytes, size_t size,
             return CVQ_FAIL(NULL, CVQ_ERR_FORMAT, "section 'note' holds a NUL byte");
     }
 
-    cvq_codebook *cb = NULL;
-    s = cvq_codebook_create(&g, theta, allocator, &cb);
-    if (s != CVQ_OK) return s;
+    /* Every tensor section must have the shape the geometry implies before
+     * anything is allocated: the sections' sizes are bounded by the file,
+     * the geometry is not, and a header that promises a huge model with
+     * small sections must not cost the caller the huge model's memory
+     * (found by fuzz_cvq: a 45 KB input made the loader allocate 2 GB). */
     for (size_t k = 0; k < N_FILE_TENSORS; k++) {
-        const cvq_tensor_id id = k_file_tensors[k];
         const section *ts = &secs[where[SEC_TENSOR0 + (int)k]];
         uint32_t rank;
         uint64_t dims[CVQ_MAX_RANK];
-        file_shape(cb, id, &rank, dims);
+        file_shape(&g, k_file_tensors[k], &rank, dims);
         s = (ts->dtype == DT_F32 || ts->dtype == DT_F16)
                 ? expect_shape(ts, rank, dims)
                 : CVQ_FAIL(NULL, CVQ_ERR_FORMAT, "section '%s' must be f32 or f16",
                            ts->name);
-        if (s != CVQ_OK) {
-            cvq_codebook_free(cb);
-            return s;
-        }
-        read_tensor(data, ts, cb->tensors[id]);
+        if (s != CVQ_OK) return s;
     }
+    cvq_codebook *cb = NULL;
+    s = cvq_codebook_create(&g, theta, allocator, &cb);
+    if (s != CVQ_OK) return s;
+    for (size_t k = 0; k < N_FILE_TENSORS; k++)
+        read_tensor(data, &secs[where[SEC_TENSOR0 + (int)k]], cb->tensors[k_file_tensors[k]]);
     if (ns) {
         cb->note = cvq__alloc(&cb->alloc, (size_t)ns->size + 1);
         if (!cb->note) {

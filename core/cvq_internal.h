@@ -135,6 +135,10 @@ typedef struct cvq_layer_view {
 
 /* Commits if dirty (errors if values are non-finite), then fills *lv.
  * The codebook is logically const: commit only rebuilds caches. */
+/* Shape of one (layer, group) view of tensor id under geometry g (resolved):
+ * dims[0..*n_dims), the rest 0; returns the element count (core/codebook.c). */
+size_t cvq__tensor_view_shape(const cvq_geometry *g, cvq_tensor_id id, uint64_t dims[5],
+                              uint32_t *n_dims);
 cvq_status cvq__layer_view(cvq_context *ctx, const cvq_codebook *cb,
                            uint32_t layer, cvq_layer_view *lv);
 

@@ -162,6 +162,17 @@ static void *c_alloc(void *user, size_t size, size_t align) {
     if (p) c->live++;
     return p;
 }
+/* The same, recording the largest request (s_biggest) and refusing any
+ * over 64 MiB. */
+static size_t s_biggest;
+static void *c_alloc_capped(void *user, size_t size, size_t align) {
+    if (size > s_biggest) s_biggest = size;
+    if (size > ((size_t)64 << 20)) {
+        ((counting *)user)->calls++;
+        return NULL;
+    }
+    return c_alloc(user, size, align);
+}
 static void c_free(void *user, void *p) {
     counting *c = user;
     c->live--;
@@ -1103,6 +1114,33 @@ static void test_file_version_and_contents(void **state) {
     fix_crcs(b, ge);
     assert_int_equal(load_exact(b, size, &cb), CVQ_ERR_FORMAT);
     assert_non_null(strstr(cvq_last_error(), "val_w1"));
+    /* A header promising a far larger model than its sections hold (the
+     * fuzz_cvq finding: n_layers raised, sections left as they are) is
+     * refused from the section shapes before anything of the model's size
+     * is allocated. The allocator records the largest request and refuses
+     * any over 64 MiB, so the old order (create, then compare shapes) fails
+     * here with a request of gigabytes. */
+    const uint32_t layers[] = {1000, 100000, 0x7FFFFFFFu};
+    for (size_t i = 0; i < sizeof layers / sizeof layers[0]; i++) {
+        memcpy(b, orig, size);
+        wr32(b + ge->offset + 4 * 0, layers[i]);
+        fix_crcs(b, ge);
+        s_biggest = 0;
+        counting cnt = {0, 0, 0};
+        cvq_allocator al = {c_alloc_capped, c_free, &cnt};
+        uint8_t *copy = malloc(size);
+        assert_non_null(copy);
+        memcpy(copy, b, size);
+        const cvq_status st = cvq_codebook_load_memory(copy, size, &al, &cb);
+        free(copy);
+        if (st != CVQ_ERR_FORMAT && st != CVQ_ERR_GEOMETRY)
+            fail_msg("n_layers %u: got %s (%s)", layers[i], cvq_status_name(st), cvq_last_error());
+        assert_null(cb);
+        assert_int_equal(cnt.live, 0);
+        if (s_biggest > ((size_t)1 << 20))
+            fail_msg("n_layers %u: the loader asked for %zu bytes before refusing the file", layers[i],
+                     s_biggest);
+    }
     /* unsupported geometry: d = 72 */
     memcpy(b, orig, size);
     wr32(b + ge->offset + 4 * 3, 72);
