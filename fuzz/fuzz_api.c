@@ -10,11 +10,13 @@
  *     append (n 0..5 tokens, dtype, positions from deltas that may be 0 or
  *     negative, inputs with NaN/Inf/subnormal/huge/-0 sprinkled in),
  *     attend (1..3 queries, positions, rotated flag), direct encodes,
- *     clear, stats.
+ *     clear, stats, copy (cvq_cache_copy; the run goes on with the copy).
  * Invariants checked after every call: the status is a documented one (no
  * 9xx); a refused append leaves the cache's stats unchanged; an accepted one
- * adds exactly n tokens; attention output is finite; nothing crashes or
- * trips a sanitizer.
+ * adds exactly n tokens; attention output is finite; a copy has the
+ * original's stats and gives bit-identical attention; nothing crashes or
+ * trips a sanitizer (the original is freed after a copy, so a copy that
+ * kept pointers into it is a use-after-free).
  */
 #include <math.h>
 #include <stdint.h>
@@ -151,7 +153,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     int32_t next_pos = 0, committed = 0; /* next position to use; after the last accepted */
     for (int steps = 0; b.n > 0 && steps < 64; steps++) {
-        unsigned op = fuzz_u8(&b) % 6;
+        unsigned op = fuzz_u8(&b) % 7;
         if (op == 0 || op == 1) { /* append (op 1: with a position glitch) */
             size_t n = fuzz_u8(&b) % (MAX_N + 1);
             cvq_dtype dt = (cvq_dtype)(fuzz_u8(&b) % 3);
@@ -210,6 +212,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 FUZZ_CHECK(cvq_decode_values(ctx, cb, 0, bits, sigma, n, vbuf) == CVQ_OK, "decode values");
                 FUZZ_CHECK(all_finite(vbuf, n * tok), "finite decoded values");
             }
+        } else if (op == 6) { /* copy, compare, continue with the copy */
+            cvq_cache *c2 = NULL;
+            FUZZ_CHECK(cvq_cache_copy(cache, &c2) == CVQ_OK && c2, "copy of a live cache");
+            cvq_cache_stats s1, s2;
+            stats(cache, &s1);
+            stats(c2, &s2);
+            FUZZ_CHECK(s1.n_tokens == s2.n_tokens && s1.n_compressed == s2.n_compressed &&
+                           s1.n_window == s2.n_window,
+                       "a copy has the original's stats");
+            int32_t qp = (int32_t)fuzz_u16(&b);
+            for (size_t i = 0; i < qsz; i++) q[i] = (float)((i * 7919u) % 201u) / 100.0f - 1.0f;
+            cvq_status st1 = cvq_cache_attend(cache, q, &qp, 1, 0, out);
+            cvq_status st2 = cvq_cache_attend(c2, q, &qp, 1, 0, out + qsz);
+            FUZZ_CHECK(st1 == st2, "a copy attends with the original's status");
+            if (st1 == CVQ_OK)
+                FUZZ_CHECK(memcmp(out, out + qsz, qsz * sizeof(float)) == 0,
+                           "a copy gives bit-identical attention");
+            cvq_cache_free(cache);
+            cache = c2;
         } else { /* clear */
             FUZZ_CHECK(cvq_cache_clear(cache) == CVQ_OK, "clear");
             cvq_cache_stats s;
