@@ -56,15 +56,22 @@ static float dot_full(const float *qr, const float *k, int32_t pos, uint32_t d,
 /* Qt[r][a][p] = conj(q'_p) * w[r][a][p] for one KV head's stages
  * (w = [R][64][P][2]): (qx - i qy)(wx + i wy) = (qx wx + qy wy) + i (qx wy - qy wx). */
 static CVQ__NOINLINE void query_tables(const float *wkv, uint32_t R, uint32_t d,
-                                       cvq_pair_layout layout, const float *qr, float *Qt) {
+                                       cvq_pair_layout layout, const float *qr, float *qpair,
+                                       float *Qt) {
     const uint32_t P = d / 2;
+    /* qpair[2p], qpair[2p+1] = (qx, qy) of pair p, gathered once (scratch
+     * of d floats) instead of once per sub-code */
+    for (uint32_t p = 0; p < P; p++) {
+        uint32_t ire, iim;
+        cvq__pair_index(layout, d, p, &ire, &iim);
+        qpair[2 * p] = qr[ire];
+        qpair[2 * p + 1] = qr[iim];
+    }
     for (size_t ra = 0; ra < (size_t)R * CVQ_SUBCODES; ra++) {
         const float *w = wkv + ra * P * 2;
         float *qt = Qt + ra * P * 2;
         for (uint32_t p = 0; p < P; p++) {
-            uint32_t ire, iim;
-            cvq__pair_index(layout, d, p, &ire, &iim);
-            const float qx = qr[ire], qy = qr[iim];
+            const float qx = qpair[2 * p], qy = qpair[2 * p + 1];
             qt[2 * p] = qx * w[2 * p] + qy * w[2 * p + 1];
             qt[2 * p + 1] = qx * w[2 * p + 1] - qy * w[2 * p];
         }
@@ -175,7 +182,7 @@ cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
 
             /* Qt[r][a][p] = conj(q'_p) * w[kv][r][a][p] */
             query_tables(lv->key_w + (size_t)kv * R * CVQ_SUBCODES * P * 2, R, d, layout,
-                         qr, Qt);
+                         qr, kr /* free until the logits */, Qt);
 
             /* Logits of every visible token; seen[u] marks causality. */
             size_t u = 0;

@@ -53,16 +53,24 @@ uint16_t cvq_ref_key_stage(const float *w, const float *n, const float *G,
     float f[CVQ_SUBCODES]; /* f[a] = n_a - 2*Re<w_a, z> */
     float gg[CVQ_SUBCODES]; /* g[a] = n_a - 2*Im<w_a, z> */
 
+    /* zp[2p], zp[2p+1] = (re, im) of pair p of z, gathered once
+     * (head_dim <= 256, so P <= 128) */
+    float zp[256];
+    for (uint32_t p = 0; p < P; p++) {
+        uint32_t ire, iim;
+        cvq__pair_index(layout, d, p, &ire, &iim);
+        zp[2 * p] = z[ire];
+        zp[2 * p + 1] = z[iim];
+    }
+
     /* One complex dot product <w_a, z> = sum_p conj(w_a,p) * z_p per
      * sub-code gives both f and g (method note 2.4). */
     for (uint32_t a = 0; a < CVQ_SUBCODES; a++) {
         const float *wa = w + (size_t)a * P * 2; /* wa[2p], wa[2p+1] = (x, y) */
         float dr = 0.0f, di = 0.0f;
         for (uint32_t p = 0; p < P; p++) {
-            uint32_t ire, iim;
-            cvq__pair_index(layout, d, p, &ire, &iim);
             const float wx = wa[2 * p], wy = wa[2 * p + 1];
-            const float zr = z[ire], zi = z[iim];
+            const float zr = zp[2 * p], zi = zp[2 * p + 1];
             dr = dr + (wx * zr + wy * zi); /* Re(conj(w) z) */
             di = di + (wx * zi - wy * zr); /* Im(conj(w) z) */
         }
