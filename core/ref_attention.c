@@ -141,12 +141,13 @@ cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
         al = &dflt;
     }
 
-    /* Scratch: q' [d], rotated key [d], Qt [R][64][P][2], logits/weights
-     * [n_tok], code-space value accumulator [Nc], mask flags [n_tok]. */
+    /* Scratch: q' [d], rotated key [d], Qt [R][64][P][2] (none without
+     * compressed tokens), logits/weights [n_tok], code-space value
+     * accumulator [Nc], mask flags [n_tok]. */
     size_t n_tok = 0, qt_n = 0, n_floats = 0;
     bool ok = cvq__add_size(a->n_sink, a->n_comp, &n_tok) &&
               cvq__add_size(n_tok, a->n_win, &n_tok) &&
-              cvq__mul_size((size_t)R * CVQ_SUBCODES, (size_t)P * 2, &qt_n) &&
+              cvq__mul_size(a->n_comp ? (size_t)R * CVQ_SUBCODES : 0, (size_t)P * 2, &qt_n) &&
               cvq__add_size(qt_n, 2u * (size_t)d + Nc, &n_floats) &&
               cvq__add_size(n_floats, n_tok, &n_floats) &&
               cvq__mul_size(n_floats, sizeof(float), &n_floats);
@@ -180,9 +181,11 @@ cvq_status cvq_ref_attend(cvq_context *ctx, const cvq_layer_view *lv,
                 cvq_rope_apply(qr, d, (int)layout, lv->rope_t, qpos);
             }
 
-            /* Qt[r][a][p] = conj(q'_p) * w[kv][r][a][p] */
-            query_tables(lv->key_w + (size_t)kv * R * CVQ_SUBCODES * P * 2, R, d, layout,
-                         qr, kr /* free until the logits */, Qt);
+            /* Qt[r][a][p] = conj(q'_p) * w[kv][r][a][p], needed only when
+             * there are compressed tokens */
+            if (a->n_comp > 0)
+                query_tables(lv->key_w + (size_t)kv * R * CVQ_SUBCODES * P * 2, R, d, layout,
+                             qr, kr /* free until the logits */, Qt);
 
             /* Logits of every visible token; seen[u] marks causality. */
             size_t u = 0;
