@@ -155,11 +155,12 @@ static inline cvq_view cvq__staged_view(const cvq_staged *s) {
 /* ctx and cb non-NULL, same geometry rules, layer in range; fills *lv. */
 cvq_status cvq__check_layer(cvq_context *ctx, const cvq_codebook *cb, uint32_t layer,
                             cvq_layer_view *lv);
-/* Converts n tokens of keys / values ([n][Hkv][d] in dtype) to a new fp32
- * array (*out, free with cvq__free(&ctx->alloc, .)) and checks the
- * contract's input rules: finite, and no sum of squares overflowing. */
 /* CVQ_ERR_INVALID_ARGUMENT unless dtype is one of cvq_dtype's values. */
 cvq_status cvq__check_dtype(cvq_context *ctx, cvq_dtype dtype);
+/* Converts n tokens of keys / values ([n][Hkv][d] in dtype, which the
+ * caller has checked with cvq__check_dtype) to a new fp32 array (*out, free
+ * with cvq__free(&ctx->alloc, .)) and checks the contract's input rules:
+ * finite, and no sum of squares overflowing. */
 cvq_status cvq__load_keys(cvq_context *ctx, const cvq_layer_view *lv, const void *src,
                           cvq_dtype dtype, size_t n, float **out);
 cvq_status cvq__load_values(cvq_context *ctx, const cvq_layer_view *lv, const void *src,

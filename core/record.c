@@ -12,12 +12,15 @@
  */
 #include "cvq_internal.h"
 
-/* Bytes of n packed codes, 3 per pair plus 2 for an odd last one; false
- * when that, or the n uint16 codes, would not fit size_t. */
-static bool packed_bytes(size_t n, size_t *out) {
-    size_t pairs3;
-    if (n > SIZE_MAX / sizeof(uint16_t) || !cvq__mul_size(n / 2, 3, &pairs3)) return false;
-    return cvq__add_size(pairs3, (n % 2) * 2, out);
+/* Checks shared by pack and unpack (n > 0): both arrays present, and n
+ * uint16 codes fit size_t (then so do their ceil(3n/2) packed bytes). */
+static cvq_status codes12_args(const char *fn, const void *src, const char *src_name,
+                               const void *dst, const char *dst_name, size_t n) {
+    if (!src) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "%s: %s is NULL", fn, src_name);
+    if (!dst) return CVQ_FAIL(NULL, CVQ_ERR_NULL_POINTER, "%s: %s is NULL", fn, dst_name);
+    if (n > SIZE_MAX / sizeof(uint16_t))
+        return CVQ_FAIL(NULL, CVQ_ERR_SIZE_OVERFLOW, "%s: %zu codes overflow size_t", fn, n);
+    return CVQ_OK;
 }
 
 /* No checks: the cache packs codes its encoder made (all < 4096). */
@@ -39,12 +42,9 @@ void cvq__pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
 }
 
 cvq_status cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
-    size_t bytes;
     if (n == 0) return CVQ_OK;
-    CVQ__NONNULL(NULL, "cvq_pack_codes12", codes, "codes");
-    CVQ__NONNULL(NULL, "cvq_pack_codes12", out, "out");
-    if (!packed_bytes(n, &bytes))
-        return CVQ_FAIL(NULL, CVQ_ERR_SIZE_OVERFLOW, "cvq_pack_codes12: %zu codes overflow size_t", n);
+    const cvq_status st = codes12_args("cvq_pack_codes12", codes, "codes", out, "out", n);
+    if (st) return st;
     /* A code of 12 bits or more would lose its high bits: refused, nothing
      * written (the scan comes first). */
     for (size_t i = 0; i < n; i++)
@@ -56,12 +56,9 @@ cvq_status cvq_pack_codes12(const uint16_t *codes, size_t n, uint8_t *out) {
 }
 
 cvq_status cvq_unpack_codes12(const uint8_t *in, size_t n, uint16_t *codes) {
-    size_t bytes;
     if (n == 0) return CVQ_OK;
-    CVQ__NONNULL(NULL, "cvq_unpack_codes12", in, "in");
-    CVQ__NONNULL(NULL, "cvq_unpack_codes12", codes, "codes");
-    if (!packed_bytes(n, &bytes))
-        return CVQ_FAIL(NULL, CVQ_ERR_SIZE_OVERFLOW, "cvq_unpack_codes12: %zu codes overflow size_t", n);
+    const cvq_status st = codes12_args("cvq_unpack_codes12", in, "in", codes, "codes", n);
+    if (st) return st;
     size_t i = 0;
     for (; i + 1 < n; i += 2) {
         const uint8_t *b = in + (i / 2) * 3;
