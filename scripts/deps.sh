@@ -27,3 +27,13 @@ if [ ${#py_missing[@]} -gt 0 ]; then
   echo "deps: pip installing ${py_missing[*]}"
   python3 -m pip install -q "${py_missing[@]}"
 fi
+# Where nvcc is (the CUDA backend gets built): cuobjdump and nvdisasm for the
+# test that reads the encoders' PTX and SASS back (tests/cuda/check_machine_code.sh);
+# NVIDIA's PyPI wheels, so that no full toolkit is needed. Versions pinned to
+# the ones the test was checked with (nvcc 13.0 objects).
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  cu_tools=(nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37)
+  for t in "${cu_tools[@]}"; do
+    python3 -m pip show "${t%%==*}" >/dev/null 2>&1 || { echo "deps: pip installing ${cu_tools[*]}"; python3 -m pip install -q "${cu_tools[@]}"; break; }
+  done
+fi

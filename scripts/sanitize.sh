@@ -2,6 +2,12 @@
 # Sanitizer builds of the whole test suite (clang).
 #   scripts/sanitize.sh address   ASan + UBSan (+ LeakSanitizer) -> build-asan/
 #   scripts/sanitize.sh thread    ThreadSanitizer (test_threads) -> build-tsan/
+#   scripts/sanitize.sh emulated  the CUDA kernels on CPU threads (cuda_emulated)
+#                                 under ThreadSanitizer (a missing __syncthreads
+#                                 is a data race between the emulated threads)
+#                                 and under ASan + UBSan (out-of-bounds global and
+#                                 shared memory) -> build-emu-tsan/, build-emu-asan/;
+#                                 needs nvcc (the CUDA backend's build), else skips
 # Extra arguments after the mode go to ctest (e.g. -R test_api).
 # Any report fails the run (halt_on_error / exitcode). Vulkan runs too (its
 # tests use lavapipe); see tests/sanitizer-lsan.supp / -tsan.supp for the narrow, commented
@@ -33,7 +39,33 @@ case "$mode" in
     targets=(--target test_threads)
     [ $# -ge 2 ] || set -- "$mode" -R test_threads
     ;;
-  *) echo "usage: $0 address|thread" >&2; exit 2 ;;
+  emulated)
+    if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+      echo "sanitize emulated: SKIP: no nvcc, the CUDA backend is not built here"
+      exit 0
+    fi
+    bash scripts/deps.sh
+    export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+    export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
+    export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+    for san in tsan asan; do
+      if [ $san = tsan ]; then flags="-fsanitize=thread -fno-omit-frame-pointer -g"
+      else flags="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g"; fi
+      # Only the C and C++ flags carry the sanitizer: in the linker flags it
+      # would reach CMake's probe of nvcc's host link, which then adds gcc's
+      # sanitizer runtime beside clang's. One architecture: the host code is
+      # what runs here.
+      CC=clang CXX=clang++ cmake -S . -B "build-emu-$san" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DCOMMVQ_WERROR=ON -DCOMMVQ_BUILD_BENCH=OFF -DCOMMVQ_BUILD_EXAMPLES=OFF -DCOMMVQ_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DCOMMVQ_VULKAN=OFF -DCOMMVQ_OPENMP=OFF \
+        -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
+      cmake --build "build-emu-$san" -j"$(nproc)" --target cuda_emulated
+      echo "sanitize emulated: cuda_emulated under $san"
+      "build-emu-$san/backends/cuda/cuda_emulated" | grep -v "^pass"
+    done
+    exit 0
+    ;;
+  *) echo "usage: $0 address|thread|emulated" >&2; exit 2 ;;
 esac
 bash scripts/deps.sh
 CC=clang cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCOMMVQ_WERROR=ON \

@@ -6,9 +6,10 @@
  * Model: blocks run one after another; the threads of a block are POSIX
  * threads (blockDim.x of them) with a barrier for __syncthreads and one per
  * warp for the shuffles. __shared__ variables become `static` (one block at
- * a time, so that is exact); the dynamic shared memory is a per-block
- * buffer filled with 0xFF bytes first (NaN patterns: reading before writing
- * shows). Arithmetic is the host's (the kernels' numerics are the
+ * a time, so that is exact); the dynamic shared memory is a fresh
+ * allocation of exactly the launch's size for each block (a sanitizer sees
+ * an access past its end), filled with 0xFF bytes first (NaN patterns:
+ * reading before writing shows). Arithmetic is the host's (the kernels' numerics are the
  * __host__ __device__ steps of cuda_numerics.cuh, which tests/test_cuda.c
  * checks separately); what the GPU itself does differently (rounding of the
  * intrinsics, scheduling, memory model) is not emulated.

@@ -43,9 +43,12 @@ static pthread_barrier_t g_bar;
 static pthread_barrier_t g_warp_bar[32];
 static float g_xchg[32][32];
 static int g_or;
-static std::vector<unsigned char> g_smem;
+/* The block's dynamic shared memory: a fresh allocation of exactly the
+ * launch's size for each block, so that a sanitizer (scripts/sanitize.sh
+ * emulated) sees an access past its end. */
+static unsigned char *g_smem;
 
-void *cvq_emu_dyn_smem(void) { return g_smem.data(); }
+void *cvq_emu_dyn_smem(void) { return g_smem; }
 void __syncthreads(void) { pthread_barrier_wait(&g_bar); }
 int __syncthreads_or(int pred) {
     if (pred) __atomic_store_n(&g_or, 1, __ATOMIC_SEQ_CST);
@@ -93,7 +96,12 @@ void cvq_emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<void
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
-                g_smem.assign(smem ? smem : 16, 0xFF);
+                g_smem = (unsigned char *)malloc(smem ? smem : 1);
+                if (!g_smem) {
+                    printf("cuda_emulated: out of memory for %zu bytes of shared memory\n", smem);
+                    exit(1);
+                }
+                memset(g_smem, 0xFF, smem ? smem : 1);
                 pthread_barrier_init(&g_bar, NULL, T);
                 for (unsigned w = 0; w < warps; w++) pthread_barrier_init(&g_warp_bar[w], NULL, 32);
                 for (unsigned i = 0; i < T; i++) {
@@ -110,6 +118,8 @@ void cvq_emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<void
                 for (unsigned i = 0; i < T; i++) pthread_join(th[i], NULL);
                 pthread_barrier_destroy(&g_bar);
                 for (unsigned w = 0; w < warps; w++) pthread_barrier_destroy(&g_warp_bar[w]);
+                free(g_smem);
+                g_smem = NULL;
             }
     pthread_attr_destroy(&attr);
 }
