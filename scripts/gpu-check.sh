@@ -9,7 +9,8 @@
 # and carried here (default: build-cuda). Needs no cmocka, glslang or apt:
 # cuda_check and bench_cuda are plain programs linked with the static
 # library and the static CUDA runtime (only the driver is needed here).
-# Exit status: 0 when every conformance check passed.
+# Exit status: 0 when every conformance check passed. The two logs are left in
+# the current folder, and copied to $OUT when it is set (the device tool).
 set -u
 B=${1:-build-cuda}
 CHECK=$B/backends/cuda/cuda_check
@@ -46,4 +47,9 @@ echo
 echo "## Attention per step (bench_cuda, exit $brc, $((T2 - T1)) s)"
 echo
 grep -E '^\|' gpu-check-bench.log || tail -5 gpu-check-bench.log
+# the device tool brings back what is under $OUT: keep the whole logs
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  cp gpu-check-conformance.log gpu-check-bench.log "$OUT"/ 2>/dev/null
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -q > "$OUT/nvidia-smi.txt" 2>&1
+fi
 exit $rc

@@ -6,7 +6,9 @@
 #                                 under ThreadSanitizer (a missing __syncthreads
 #                                 is a data race between the emulated threads)
 #                                 and under ASan + UBSan (out-of-bounds global and
-#                                 shared memory) -> build-emu-tsan/, build-emu-asan/;
+#                                 shared memory), with the whole CUDA backend on the
+#                                 emulated device under ASan + LSan (cuda_check_emulated,
+#                                 cuda_faults_emulated) -> build-emu-tsan/, build-emu-asan/;
 #                                 needs nvcc (the CUDA backend's build), else skips
 # Extra arguments after the mode go to ctest (e.g. -R test_api).
 # Any report fails the run (halt_on_error / exitcode). Vulkan runs too (its
@@ -59,9 +61,18 @@ case "$mode" in
         -DCOMMVQ_WERROR=ON -DCOMMVQ_BUILD_BENCH=OFF -DCOMMVQ_BUILD_EXAMPLES=OFF -DCOMMVQ_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90 -DCOMMVQ_VULKAN=OFF -DCOMMVQ_OPENMP=OFF \
         -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" >/dev/null
-      cmake --build "build-emu-$san" -j"$(nproc)" --target cuda_emulated
+      targets=(cuda_emulated)
+      # ASan + LSan also over the CUDA host glue, on the emulated device
+      # (tests/cuda/fake_device.cpp): the conformance program and the fault sweep
+      [ $san = asan ] && targets+=(cuda_check_emulated cuda_faults_emulated)
+      cmake --build "build-emu-$san" -j"$(nproc)" --target "${targets[@]}"
       echo "sanitize emulated: cuda_emulated under $san"
       "build-emu-$san/backends/cuda/cuda_emulated" | grep -v "^pass"
+      if [ $san = asan ]; then
+        echo "sanitize emulated: cuda_check_emulated, cuda_faults_emulated under asan"
+        COMMVQ_FAKE_CUDA_STRICT=1 "build-emu-$san/cuda_check_emulated" | grep -v "^pass"
+        COMMVQ_FAKE_CUDA_STRICT=1 "build-emu-$san/cuda_faults_emulated"
+      fi
     done
     exit 0
     ;;

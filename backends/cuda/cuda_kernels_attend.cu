@@ -458,7 +458,9 @@ extern "C" int cvq_cu_attend_plan_make(const cvq_cu_geom *g, size_t n_q, size_t 
     return 0;
 }
 
-#ifndef CVQ_CU_EMULATE /* the emulator (tests/cuda) has its own launchers */
+/* The launchers. cuda_emulated (tests/cuda) has launchers of its own; the
+ * emulated device (tests/cuda/fake_device.cpp) runs these, CVQ_CU_EMULATE_LAUNCHERS. */
+#if !defined(CVQ_CU_EMULATE) || defined(CVQ_CU_EMULATE_LAUNCHERS)
 
 extern "C" int cvq_cu_launch_attend(const cvq_cu_geom *g, const cvq_cu_tables *t, const cvq_cu_attend *a,
                                     const cvq_cu_attend_plan *p, uint32_t *status, cudaStream_t s) {
@@ -467,7 +469,7 @@ extern "C" int cvq_cu_launch_attend(const cvq_cu_geom *g, const cvq_cu_tables *t
     if (e != cudaSuccess) return e;
     const size_t nqv = a->n_q * g->Hq * g->d;
     const size_t blocks = (nqv + 255) / 256;
-    check_queries<<<(unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, s>>>(a->q, nqv, status);
+    CVQ_CU_LAUNCH(check_queries, (unsigned)(blocks < 4096 ? blocks : 4096), 256, 0, s)(a->q, nqv, status);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     if ((e = (cudaError_t)cvq_cu_launch_fold(status, s)) != cudaSuccess) return e;
     if (p->smem > 48 * 1024) {
@@ -483,14 +485,14 @@ extern "C" int cvq_cu_launch_attend(const cvq_cu_geom *g, const cvq_cu_tables *t
     for (size_t q0 = 0; q0 < a->n_q; q0 += 65535) {
         const size_t m = a->n_q - q0 < 65535 ? a->n_q - q0 : 65535;
         dim3 grid(p->n_split, g->Hkv * p->n_hchunk, (unsigned)m);
-        attend_split<<<grid, kThreads, p->smem, s>>>(*g, *t, *a, (uint32_t)q0, p->tile, p->qg, p->n_hchunk,
-                                                     p->split_len, p->n_split, status);
+        CVQ_CU_LAUNCH(attend_split, grid, kThreads, p->smem, s)(*g, *t, *a, (uint32_t)q0, p->tile, p->qg,
+                                                                p->n_hchunk, p->split_len, p->n_split, status);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     for (size_t q0 = 0; q0 < a->n_q; q0 += 65535) {
         const size_t m = a->n_q - q0 < 65535 ? a->n_q - q0 : 65535;
-        attend_reduce<<<(unsigned)(m * g->Hq), kThreads, p->smem_reduce, s>>>(*g, *t, *a, (uint32_t)q0, p->n_split,
-                                                                             status);
+        CVQ_CU_LAUNCH(attend_reduce, (unsigned)(m * g->Hq), kThreads, p->smem_reduce, s)(*g, *t, *a, (uint32_t)q0,
+                                                                                         p->n_split, status);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
     return cudaSuccess;

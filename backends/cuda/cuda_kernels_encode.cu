@@ -231,10 +231,12 @@ extern "C" void cvq_cu_values_plan(const cvq_cu_geom *g, size_t smem_max, size_t
     }
 }
 
-#ifndef CVQ_CU_EMULATE /* the emulator (tests/cuda) has its own launchers */
+/* The launchers. cuda_emulated (tests/cuda) has launchers of its own; the
+ * emulated device (tests/cuda/fake_device.cpp) runs these, CVQ_CU_EMULATE_LAUNCHERS. */
+#if !defined(CVQ_CU_EMULATE) || defined(CVQ_CU_EMULATE_LAUNCHERS)
 
 extern "C" int cvq_cu_launch_fold(uint32_t *status, cudaStream_t s) {
-    fold_status<<<1, 1, 0, s>>>(status);
+    CVQ_CU_LAUNCH(fold_status, 1, 1, 0, s)(status);
     return cudaGetLastError();
 }
 
@@ -244,10 +246,11 @@ extern "C" int cvq_cu_launch_encode_keys(const cvq_cu_geom *g, const cvq_cu_tabl
     cudaError_t e = cudaMemsetAsync(status, 0, sizeof(uint32_t), s);
     if (e != cudaSuccess) return e;
     const size_t spans = g->scale_mode ? a->n * g->Hkv : a->n;
-    check_keys<<<grid_of((spans + 127) / 128), 128, 0, s>>>(*g, a->keys, a->n, status);
+    CVQ_CU_LAUNCH(check_keys, grid_of((spans + 127) / 128), 128, 0, s)(*g, a->keys, a->n, status);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     if ((e = (cudaError_t)cvq_cu_launch_fold(status, s)) != cudaSuccess) return e;
-    encode_keys<<<grid_of(a->n), kKeyThreads, 0, s>>>(*g, *t, a->keys, a->codes, a->scales, a->n, status);
+    CVQ_CU_LAUNCH(encode_keys, grid_of(a->n), kKeyThreads, 0, s)(*g, *t, a->keys, a->codes, a->scales, a->n,
+                                                                 status);
     return cudaGetLastError();
 }
 
@@ -260,7 +263,7 @@ extern "C" int cvq_cu_launch_encode_values(const cvq_cu_geom *g, const cvq_cu_ta
     cudaError_t e = cudaMemsetAsync(status, 0, sizeof(uint32_t), s);
     if (e != cudaSuccess) return e;
     const size_t items = a->n * g->groups;
-    check_values<<<grid_of((items + 127) / 128), 128, 0, s>>>(*g, *t, a->values, a->n, status);
+    CVQ_CU_LAUNCH(check_values, grid_of((items + 127) / 128), 128, 0, s)(*g, *t, a->values, a->n, status);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
     if ((e = (cudaError_t)cvq_cu_launch_fold(status, s)) != cudaSuccess) return e;
     if (smem > 48 * 1024) {
@@ -270,8 +273,8 @@ extern "C" int cvq_cu_launch_encode_values(const cvq_cu_geom *g, const cvq_cu_ta
     /* The scratch slots are indexed by (blockIdx.y, blockIdx.x): the grid
      * in x is CVQ_CU_ENC_MAX_BLOCKS at most, as cvq_cu_values_plan assumed. */
     dim3 grid(grid_of(a->n), g->groups);
-    encode_values<<<grid, kValThreads, smem, s>>>(*g, *t, a->values, a->bits, a->sigma, a->n, a->scratch,
-                                                  scratch_bytes == 0, status);
+    CVQ_CU_LAUNCH(encode_values, grid, kValThreads, smem, s)(*g, *t, a->values, a->bits, a->sigma, a->n,
+                                                             a->scratch, scratch_bytes == 0, status);
     return cudaGetLastError();
 }
 #endif

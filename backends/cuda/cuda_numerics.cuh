@@ -51,6 +51,16 @@
     type *name = name##_raw_
 #endif
 
+/* A kernel launch, `CVQ_CU_LAUNCH(kernel, grid, block, smem, stream)(args...)`:
+ * `kernel<<<grid, block, smem, stream>>>(args...)` under nvcc; under
+ * CVQ_CU_EMULATE the emulator's launcher (tests/cuda/cuda_emu.h), so that the
+ * launch sequences of the .cu files themselves run on the emulated device. */
+#ifdef CVQ_CU_EMULATE
+#define CVQ_CU_LAUNCH(k, grid, block, smem, stream) cvq_emu_launcher(k, #k, grid, block, smem, stream)
+#else
+#define CVQ_CU_LAUNCH(k, grid, block, smem, stream) k<<<grid, block, smem, stream>>>
+#endif
+
 /* Float bits <-> uint32 without aliasing problems on host and device. */
 CVQ_HD uint32_t cvq_cu_bits(float x) {
 #ifdef __CUDA_ARCH__

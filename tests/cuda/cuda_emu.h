@@ -67,4 +67,43 @@ static inline unsigned atomicOr(unsigned *p, unsigned v) { return __atomic_fetch
  * dynamic shared memory. */
 void cvq_emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<void()> &body);
 
+/* ---- the launchers of the .cu files on the emulated device ----------------
+ * CVQ_CU_LAUNCH(kernel, grid, block, smem, stream)(args...) (cuda_numerics.cuh)
+ * becomes cvq_emu_launcher(...)(args...): the arguments are converted to the
+ * kernel's parameter types and copied, as a CUDA launch copies them, and
+ * cvq_emu_launch_checked (fake_device.cpp) checks the launch configuration as
+ * the CUDA runtime would (block size, grid limits, dynamic shared memory
+ * against the kernel's cudaFuncSetAttribute limit), records a failure for
+ * cudaGetLastError and otherwise runs the grid before returning. Only the
+ * emulated device (CVQ_CU_EMULATE_LAUNCHERS) instantiates these. */
+void cvq_emu_launch_checked(const void *kernel, const char *name, dim3 grid, dim3 block, size_t smem,
+                            cudaStream_t stream, const std::function<void()> &body);
+
+#include <tuple>
+#include <utility>
+
+template <class... P> struct cvq_emu_launch_of {
+    void (*kernel)(P...);
+    const char *name;
+    dim3 grid, block;
+    size_t smem;
+    cudaStream_t stream;
+    template <class... A> void operator()(A &&...a) const {
+        void (*k)(P...) = kernel;
+        std::tuple<P...> args(std::forward<A>(a)...);
+        cvq_emu_launch_checked(reinterpret_cast<const void *>(k), name, grid, block, smem, stream,
+                               [k, &args] { std::apply(k, args); });
+    }
+};
+template <class... P>
+cvq_emu_launch_of<P...> cvq_emu_launcher(void (*kernel)(P...), const char *name, dim3 grid, dim3 block, size_t smem,
+                                         cudaStream_t stream) {
+    return cvq_emu_launch_of<P...>{kernel, name, grid, block, smem, stream};
+}
+
+/* cuda_runtime.h's C++ overload: a kernel instead of a `const void *`. */
+template <class T> static inline cudaError_t cudaFuncSetAttribute(T *kernel, cudaFuncAttribute attr, int value) {
+    return cudaFuncSetAttribute(reinterpret_cast<const void *>(kernel), attr, value);
+}
+
 #endif

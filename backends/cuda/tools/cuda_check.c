@@ -83,7 +83,13 @@ static void fill(float *x, size_t n, size_t kvd, const float *w, uint32_t d) {
             memcpy(v, v - kvd, kvd * sizeof(float));
             continue;
         }
-        const double sc = kind == 3 ? 1e-40 : kind == 4 ? 1e18 : kind == 5 ? 1e-30 : 1.0;
+        /* kind 4, huge: entries near 1e18 at kvd = 64, scaled so that the sum of
+         * squares over a whole token stays near 6e37, below FLT_MAX, at every
+         * width (1e18 flat overflowed it at kvd = 1024, and the CPU then
+         * refuses the token: found by running this program on the emulated
+         * device, tests/cuda/fake_device.cpp) */
+        const double huge = 1e18 / sqrt((double)kvd / 64.0);
+        const double sc = kind == 3 ? 1e-40 : kind == 4 ? huge : kind == 5 ? 1e-30 : 1.0;
         for (size_t i = 0; i < kvd; i++) v[i] = kind == 6 ? 0.0f : (float)(rnd_normal() * sc);
         if (kind == 2 && w)
             for (uint32_t i = 0; i < d; i++) v[i] = 3.0f * w[i];
