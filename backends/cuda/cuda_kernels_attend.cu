@@ -370,18 +370,30 @@ attend_reduce(cvq_cu_geom g, cvq_cu_tables tb, cvq_cu_attend a, uint32_t q0, uin
     const float *pr = a.scratch + qh * n_split * rec;
     float *out = a.out + qh * d;
     if (tid == 0) {
+        /* A split's sum l is NaN when one of its logits overflowed binary32
+         * (+-Inf products, Inf - Inf in the softmax): the whole head is then
+         * NaN, as on the CPU, never the zeros of a head that sees no token
+         * (the host API turns a non-finite output into CVQ_ERR_INPUT_RANGE
+         * with the output zeroed; interop callers see the NaN). */
+        int overflow = 0;
         float M = -INFINITY;
-        for (uint32_t s = 0; s < n_split; s++)
+        for (uint32_t s = 0; s < n_split; s++) {
+            if (pr[s * rec + 1] != pr[s * rec + 1]) overflow = 1;
             if (pr[s * rec + 1] > 0.0f) M = fmaxf(M, pr[s * rec]);
+        }
         float l = 0.0f;
         for (uint32_t s = 0; s < n_split; s++) {
             const float w = pr[s * rec + 1] > 0.0f ? expf(pr[s * rec] - M) : 0.0f;
             scl[s] = w;
             l += pr[s * rec + 1] * w;
         }
-        s_l = l;
+        s_l = overflow ? cvq_cu_float(0x7FC00000u) : l;
     }
     __syncthreads();
+    if (s_l != s_l) { /* a logit overflowed: NaN */
+        for (uint32_t f = tid; f < d; f += kThreads) out[f] = cvq_cu_float(0x7FC00000u);
+        return;
+    }
     if (!(s_l > 0.0f)) { /* sees no token: zeros */
         for (uint32_t f = tid; f < d; f += kThreads) out[f] = 0.0f;
         return;

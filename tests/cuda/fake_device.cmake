@@ -11,10 +11,19 @@
 #                        device: ctest cuda_check_emulated
 #   cuda_faults_emulated tests/cuda/fake_faults.c: the error paths, one fault
 #                        injected at each place in turn
+# The objects the library is made of: those commvq_static compiles, plus the
+# object libraries it takes whole (the Vulkan backend's embedded SPIR-V), but
+# not the CUDA kernels: fake_device.cpp compiles them for the emulator.
+set(fake_objects $<TARGET_OBJECTS:commvq_static>)
+foreach(src ${COMMVQ_SOURCES})
+  if(src MATCHES "^\\$<TARGET_OBJECTS:" AND NOT src MATCHES "commvq_cuda_kernels")
+    list(APPEND fake_objects ${src})
+  endif()
+endforeach()
 add_library(commvq_fakecuda STATIC
   ${PROJECT_SOURCE_DIR}/tests/cuda/fake_device.cpp
   ${PROJECT_SOURCE_DIR}/tests/cuda/cuda_emu_runtime.cpp
-  $<TARGET_OBJECTS:commvq_static>)
+  ${fake_objects})
 set_target_properties(commvq_fakecuda PROPERTIES CXX_STANDARD 17 CXX_STANDARD_REQUIRED ON)
 target_include_directories(commvq_fakecuda
   PUBLIC ${PROJECT_SOURCE_DIR}/include ${CUDAToolkit_INCLUDE_DIRS}
