@@ -11,6 +11,8 @@
 #                        device: ctest cuda_check_emulated
 #   cuda_faults_emulated tests/cuda/fake_faults.c: the error paths, one fault
 #                        injected at each place in turn
+# (tests/CMakeLists.txt adds test_conformance_cuda_emulated and
+# test_extremes_cuda_emulated: the cmocka suites, linked with this library.)
 # The objects the library is made of: those commvq_static compiles, plus the
 # object libraries it takes whole (the Vulkan backend's embedded SPIR-V), but
 # not the CUDA kernels: fake_device.cpp compiles them for the emulator.
@@ -46,7 +48,7 @@ target_compile_options(cuda_check_emulated PRIVATE ${COMMVQ_C_FLAGS})
 target_link_libraries(cuda_check_emulated PRIVATE commvq_fakecuda)
 set_target_properties(cuda_check_emulated PROPERTIES LINKER_LANGUAGE CXX)
 add_test(NAME cuda_check_emulated COMMAND cuda_check_emulated)
-# ~6 min of thread barriers on 2 cores: started early, beside the longest memcheck test
+# 4-6 min of thread barriers on 2 cores: started early, beside the longest memcheck test
 set_tests_properties(cuda_check_emulated PROPERTIES TIMEOUT 1200 COST 900)
 
 add_executable(cuda_faults_emulated ${PROJECT_SOURCE_DIR}/tests/cuda/fake_faults.c)
