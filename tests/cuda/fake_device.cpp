@@ -58,9 +58,9 @@ struct fake_device {
     std::map<const void *, int> smem_attr;   /* kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize */
     std::map<cudaStream_t, int> streams;     /* created, not yet destroyed */
     long n_malloc = 0, n_launch = 0;
-    long fail_malloc = 0, fail_launch = 0, lose_at = 0;
+    long fail_malloc, fail_launch, lose_at; /* the rest: from the environment */
     bool lost = false;
-    int n_sm = 8, smem_optin = 227 * 1024, n_dev = 1;
+    int n_sm, smem_optin, n_dev;
     fake_device() {
         n_sm = env("COMMVQ_FAKE_CUDA_SM", 8);
         smem_optin = env("COMMVQ_FAKE_CUDA_SMEM_KIB", 227) * 1024;
@@ -380,7 +380,6 @@ cudaError_t CUDARTAPI cudaGetLastError(void) {
     t_last = cudaSuccess;
     return e;
 }
-cudaError_t CUDARTAPI cudaPeekAtLastError(void) { return lost() ? cudaErrorIllegalAddress : t_last; }
 
 cudaError_t CUDARTAPI cudaPointerGetAttributes(struct cudaPointerAttributes *a, const void *p) {
     memset(a, 0, sizeof *a);
